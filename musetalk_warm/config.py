@@ -1,0 +1,235 @@
+"""One typed settings object: YAML file < environment < explicit overrides (CLI).
+
+Sections are frozen pydantic models; unknown keys and bad values raise
+:class:`~musetalk_warm.errors.ConfigError` with the offending key named.
+Environment variables use the prefix ``MUSETALK_WARM_`` and ``__`` between
+section and key, e.g. ``MUSETALK_WARM_RENDER__BATCH_SIZE=8``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path("configs/inference/realtime_live.yaml")
+ENV_PREFIX = "MUSETALK_WARM_"
+ENV_CONFIG = f"{ENV_PREFIX}CONFIG"
+_YAML_PATH: ContextVar[Path | None] = ContextVar("yaml_path", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Section):
+    """Where the weights live and how to run them."""
+
+    models_dir: Path = Path("models")
+    unet_config: str = "musetalkV15/musetalk.json"
+    unet_weights: str = "musetalkV15/unet.pth"
+    vae_dir: str = "sd-vae"
+    whisper_dir: str = "whisper"
+    face_parsing_dir: str = "face-parse-bisent"
+    gfpgan_weights: str = "GFPGANv1.4.pth"
+    # auto: MuseTalk when its weights are present, else the weightless lite renderer.
+    renderer: Literal["auto", "musetalk", "tiny", "lite"] = "auto"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Upstream draws latent_dist.sample() from an unseeded RNG; the mean is deterministic.
+    latent_sampling: Literal["mode", "sample"] = "mode"
+    tiny_seed: int = 0
+
+    def path(self, relative: str) -> Path:
+        """A weight path under ``models_dir``."""
+        return self.models_dir / relative
+
+
+class AvatarSettings(_Section):
+    """Which avatar to serve and how to prepare it (SEED.md §9)."""
+
+    avatar_id: str = "demo"
+    # None: the built-in demo avatar (a real face photo with gentle head motion).
+    video_path: Path | None = None
+    bbox_shift: int = 0
+    extra_margin: int = 10
+    preparation: bool = False
+    fps: int = Field(25, ge=1, le=60)
+    landmark_backend: Literal["mediapipe", "face_alignment"] = "mediapipe"
+    parsing_mode: Literal["jaw", "raw", "neck"] = "jaw"
+    mask_source: Literal["auto", "parsing", "landmarks"] = "auto"
+    cache_dir: Path = Path("results/avatars")
+    max_frames: int = Field(0, ge=0)
+    demo_seconds: float = Field(8.0, gt=0, le=60)
+
+    @field_validator("avatar_id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return safe_name(value, "avatar_id")
+
+
+class OneEuroSettings(_Section):
+    min_cutoff: float = Field(gt=0)
+    beta: float = Field(ge=0)
+    d_cutoff: float = Field(1.0, gt=0)
+
+
+class RenderSettings(_Section):
+    """Batching, compositing and stabilisation (SPEC §3)."""
+
+    batch_size: int = Field(16, ge=1, le=256)
+    blend_mode: Literal["feather", "poisson"] = "feather"
+    upper_boundary_ratio: float = Field(0.5, ge=0, le=1)
+    expand: float = Field(1.5, ge=1.0, le=3.0)
+    blur_ratio: float = Field(0.1, gt=0, le=0.5)
+    one_euro_enabled: bool = True
+    one_euro_center: OneEuroSettings = OneEuroSettings(min_cutoff=1.5, beta=0.10)
+    one_euro_size: OneEuroSettings = OneEuroSettings(min_cutoff=0.5, beta=0.02)
+    jump_reset_px: float = Field(12.0, gt=0)
+    scale_lock_enabled: bool = True
+    scale_lock_frames: int = Field(50, ge=1)
+    affine_enabled: bool = True
+    subpixel_enabled: bool = True
+
+
+class MediaSettings(_Section):
+    """One encoder configuration shared by every clip of a session."""
+
+    video_codec: str = "libx264"
+    crf: int = Field(20, ge=0, le=51)
+    preset: str = "veryfast"
+    gop_seconds: float = Field(1.0, gt=0)
+    audio_rate: int = 48000
+    audio_bitrate: int = 96000
+    # Each clip is padded with silence to a multiple of this, a whole number of
+    # video frames and AAC frames, so appends stay gapless.
+    clip_quantum_ms: int = 320
+
+    @field_validator("audio_rate")
+    @classmethod
+    def _aac_rate(cls, value: int) -> int:
+        if value not in (16000, 24000, 32000, 44100, 48000):
+            raise ValueError("audio_rate must be one of 16000, 24000, 32000, 44100, 48000")
+        return value
+
+
+class TTSSettings(_Section):
+    engine: Literal["espeak", "openai"] = "espeak"
+    voice: str = "en-us"
+    speed_wpm: int = Field(165, ge=80, le=450)
+    openai_url: str | None = None
+    openai_model: str = "tts-1"
+    openai_voice: str = "alloy"
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    sessions_dir: Path = Path("results/sessions")
+    default_session: str = "default"
+    reset_policy: Literal["archive", "delete"] = "archive"
+    max_text_chars: int = Field(2000, ge=1)
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_audio_seconds: float = Field(120.0, gt=0)
+    auth_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    llm_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+
+
+class Settings(BaseSettings):
+    """Every setting of the product, in sections."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        env_ignore_empty=True,
+    )
+
+    models: ModelSettings = ModelSettings()
+    avatar: AvatarSettings = AvatarSettings()
+    render: RenderSettings = RenderSettings()
+    media: MediaSettings = MediaSettings()
+    tts: TTSSettings = TTSSettings()
+    server: ServerSettings = ServerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: explicit overrides (CLI), environment, YAML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_path = _YAML_PATH.get()
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+def safe_name(value: str, what: str) -> str:
+    """Refuse ids that could escape a directory or need quoting."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value) or ".." in value:
+        raise ValueError(f"{what} must be 1-64 letters, digits, '_', '-' or '.', got {value!r}")
+    return value
+
+
+def _check_yaml(path: Path) -> None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from YAML, then env vars, then ``overrides``.
+
+    ``config_path`` defaults to ``$MUSETALK_WARM_CONFIG`` or
+    ``configs/inference/realtime_live.yaml`` when that file exists.
+    ``overrides`` is a nested dict such as ``{"render": {"batch_size": 8}}``.
+    """
+    chosen = config_path or os.environ.get(ENV_CONFIG)
+    path = Path(chosen) if chosen else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        _check_yaml(path)
+    token = _YAML_PATH.set(path)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {_describe(exc)}") from exc
+    finally:
+        _YAML_PATH.reset(token)

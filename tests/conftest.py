@@ -1,0 +1,44 @@
+"""Shared fixtures: real generated speech, a real face photo, seeded RNG."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+SPEECH_TEXT = "Hello there. This is a short test of the talking head, with a pause, and then more words."
+
+
+def espeak_wav(path: Path, text: str = SPEECH_TEXT) -> Path:
+    """Synthesize ``text`` to a 22.05 kHz wav with espeak-ng."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+    subprocess.run([exe, "-v", "en-us", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few seconds of real synthetic speech with a pause, as a wav file."""
+    return espeak_wav(tmp_path_factory.mktemp("speech") / "speech.wav")
+
+
+@pytest.fixture(scope="session")
+def speech_16k(speech_wav: Path) -> np.ndarray:
+    """The speech fixture as 16 kHz mono float32."""
+    data, rate = sf.read(str(speech_wav), dtype="float32", always_2d=True)
+    return soxr.resample(data.mean(axis=1), rate, 16000).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def face_bgr() -> np.ndarray:
+    """A real face photo (scikit-image's public-domain astronaut portrait), BGR uint8 512x512."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[:, :, ::-1])
