@@ -91,7 +91,8 @@ class RenderSettings(_Section):
     """Batching, compositing and stabilisation (SPEC §3)."""
 
     batch_size: int = Field(16, ge=1, le=256)
-    blend_mode: Literal["feather", "poisson"] = "feather"
+    # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
+    blend_mode: Literal["feather", "poisson", "upstream"] = "feather"
     upper_boundary_ratio: float = Field(0.5, ge=0, le=1)
     expand: float = Field(1.5, ge=1.0, le=3.0)
     blur_ratio: float = Field(0.1, gt=0, le=0.5)
