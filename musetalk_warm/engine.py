@@ -1,0 +1,241 @@
+"""The render engine: audio + avatar → composited full-resolution frames.
+
+A :class:`MouthRenderer` turns per-frame audio conditioning into 256² face
+crops (MuseTalk's UNet + VAE, or the weightless lite renderer); the
+:class:`RenderEngine` batches it, generates the next batch in a worker thread
+while the current one is composited, and yields frames in order as they are
+ready, so encoding and streaming can start before the clip is finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from . import blend, stabilise
+from .avatar import Avatar
+from .config import RenderSettings
+from .errors import AvatarCacheError, ResourceExhausted
+
+if TYPE_CHECKING:
+    from .models import Models
+
+log = logging.getLogger(__name__)
+
+
+class MouthRenderer(Protocol):
+    """Generates face crops whose mouth follows the audio."""
+
+    name: str
+
+    def condition(self, audio: np.ndarray, fps: int) -> Sequence[Any]:
+        """Per-frame conditioning of 16 kHz mono float32 audio (one item per video frame)."""
+        ...
+
+    def generate(self, avatar: Avatar, cond: Any, src_idx: np.ndarray) -> np.ndarray:
+        """``[B,256,256,3]`` uint8 BGR faces for source frames ``src_idx``, one per ``cond`` item."""
+        ...
+
+
+class MuseTalkRenderer:
+    """MuseTalk v1.5: one UNet step on cached avatar latents, then VAE decode."""
+
+    name = "musetalk"
+
+    def __init__(self, models: Models) -> None:
+        self.models = models
+
+    def condition(self, audio: np.ndarray, fps: int) -> Any:
+        from .features import audio_prompts
+
+        return audio_prompts(self.models, audio, fps)
+
+    def generate(self, avatar: Avatar, cond: Any, src_idx: np.ndarray) -> np.ndarray:
+        import torch
+
+        from .models import decode_latents, unet_step
+
+        if avatar.latents is None:
+            raise AvatarCacheError(
+                f"avatar {avatar.avatar_id!r} was prepared without the VAE",
+                hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` with the weights installed",
+            )
+        latents = torch.from_numpy(np.ascontiguousarray(avatar.latents[src_idx]))
+        return decode_latents(self.models, unet_step(self.models, latents, cond))
+
+
+@dataclass
+class RenderStats:
+    """Seconds spent per stage of one render (summed over batches)."""
+
+    condition_s: float = 0.0
+    generate_s: float = 0.0
+    composite_s: float = 0.0
+    frames: int = 0
+    batch_size: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + seconds)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "features": round(self.condition_s, 4),
+            "generate": round(self.generate_s, 4),
+            "composite": round(self.composite_s, 4),
+        }
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+class RenderEngine:
+    """Batched, pipelined rendering of an avatar speaking an audio clip."""
+
+    def __init__(self, renderer: MouthRenderer, settings: RenderSettings, *, composite_workers: int = 2):
+        self.renderer = renderer
+        self.settings = settings
+        self._composite_pool = ThreadPoolExecutor(composite_workers, thread_name_prefix="composite")
+        self._plans: dict[tuple[str, int, RenderSettings], stabilise.Placement] = {}
+        self._plans_lock = threading.Lock()
+
+    def placement(self, avatar: Avatar, settings: RenderSettings | None = None) -> stabilise.Placement:
+        """Stabilised paste transforms for every cycle position (computed once per avatar)."""
+        settings = settings or self.settings
+        key = (avatar.avatar_id, id(avatar), settings)
+        with self._plans_lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = stabilise.plan(avatar, settings)
+            return plan
+
+    def render(
+        self,
+        audio: np.ndarray,
+        avatar: Avatar,
+        start: int = 0,
+        *,
+        settings: RenderSettings | None = None,
+        stats: RenderStats | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield one BGR frame per ``floor(len(audio)/16000*fps)``.
+
+        Frame ``i`` shows avatar cycle position ``start + i``; the caller keeps
+        ``start + n`` to continue the next clip where this one ended.
+        """
+        settings = settings or self.settings
+        stats = stats if stats is not None else RenderStats()
+        t0 = time.perf_counter()
+        cond = self.renderer.condition(audio, avatar.fps)
+        stats.add("condition_s", time.perf_counter() - t0)
+        n = len(cond)
+        placement = self.placement(avatar, settings)
+        positions = start + np.arange(n, dtype=np.int64)
+        sources = avatar.source_index(positions)
+        cycle = positions % avatar.cycle_length
+        yield from self._pipeline(avatar, cond, sources, cycle, placement, settings, stats)
+
+    def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats) -> np.ndarray:
+        """One batch, halving the batch on accelerator OOM before giving up."""
+        step = len(src)
+        while True:
+            try:
+                t0 = time.perf_counter()
+                parts = [
+                    self.renderer.generate(avatar, cond[i : i + step], src[i : i + step])
+                    for i in range(0, len(src), step)
+                ]
+                stats.add("generate_s", time.perf_counter() - t0)
+                return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            except Exception as exc:
+                if not _is_oom(exc):
+                    raise
+                import torch
+
+                torch.cuda.empty_cache()
+                if step == 1:
+                    raise ResourceExhausted(
+                        "the accelerator ran out of memory even at batch size 1",
+                        hint="free GPU memory or run fewer sessions per GPU",
+                    ) from exc
+                step = max(1, step // 2)
+                log.warning("out of memory; retrying with batch size %d", step)
+
+    def _composite_one(
+        self, avatar: Avatar, face: np.ndarray, src: int, pos: int,
+        placement: stabilise.Placement, settings: RenderSettings,
+    ) -> np.ndarray:
+        return blend.composite(
+            avatar.frames[src],
+            face,
+            placement.transforms[pos],
+            avatar.masks[src],
+            avatar.crop_boxes[src],
+            settings.blend_mode,
+            subpixel=settings.subpixel_enabled,
+        )
+
+    def _pipeline(
+        self,
+        avatar: Avatar,
+        cond: Any,
+        sources: np.ndarray,
+        cycle: np.ndarray,
+        placement: stabilise.Placement,
+        settings: RenderSettings,
+        stats: RenderStats,
+    ) -> Iterator[np.ndarray]:
+        bs = settings.batch_size
+        stats.batch_size = bs
+        starts = deque(range(0, len(sources), bs))
+        pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+        # One generator thread keeps the accelerator busy while this thread composites.
+        with ThreadPoolExecutor(1, thread_name_prefix="generate") as gen_pool:
+            def submit_next() -> None:
+                if starts:
+                    s = starts.popleft()
+                    pending.append(
+                        (s, gen_pool.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats))
+                    )
+
+            submit_next()
+            submit_next()
+            try:
+                while pending:
+                    s, fut = pending.popleft()
+                    faces = fut.result()
+                    submit_next()
+                    t0 = time.perf_counter()
+                    frames = list(
+                        self._composite_pool.map(
+                            self._composite_one,
+                            [avatar] * len(faces),
+                            faces,
+                            sources[s : s + len(faces)].tolist(),
+                            cycle[s : s + len(faces)].tolist(),
+                            [placement] * len(faces),
+                            [settings] * len(faces),
+                        )
+                    )
+                    stats.add("composite_s", time.perf_counter() - t0)
+                    stats.frames += len(frames)
+                    yield from frames
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
+
+    def close(self) -> None:
+        """Stop the compositing threads."""
+        self._composite_pool.shutdown(wait=False, cancel_futures=True)

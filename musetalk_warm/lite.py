@@ -1,0 +1,313 @@
+"""The weightless ``lite`` mouth renderer: speech energy → jaw-drop warp.
+
+Used when MuseTalk's weights are absent. :meth:`LiteRenderer.condition` turns
+16 kHz audio into a per-frame mouth openness in ``[0, 1]`` (speech-band energy,
+normalised per clip, gated, smoothed with a fast attack and slower release and
+a one-frame anticipation); :meth:`LiteRenderer.generate` opens the mouth of each
+cached 256² face crop by that amount: the lower lip and jaw slide down under a
+smooth displacement field that is zero above the lip line, and the revealed gap
+is painted as a soft-edged mouth cavity with a hint of upper teeth. Openness 0
+returns the source crop unchanged, so silence keeps the avatar's own mouth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .avatar import CROP_SIZE, Avatar
+from .config import RenderSettings
+from .errors import AudioError
+
+SAMPLE_RATE = 16000
+
+# iBUG-68 indices (frame left to right).
+_INNER_UPPER = [60, 61, 62, 63, 64]
+_INNER_LOWER = [60, 67, 66, 65, 64]
+_OUTER_LIP = list(range(48, 60))
+_CHIN = 8
+_LOWER_LIP_BOTTOM = 57
+_JAW_LEFT, _JAW_RIGHT = 4, 12
+# BGR: the mouth interior is a dark, redder tone of the lips; teeth off-white.
+_INTERIOR_TINT = np.array([0.85, 0.85, 1.15], dtype=np.float32)
+_ENAMEL = np.array([200.0, 210.0, 220.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class LiteParams:
+    """Tuning of the lite renderer (defaults chosen by eye on real faces).
+
+    Attributes:
+        window_s: energy window centred on each video frame.
+        band_hz: speech band whose energy opens the mouth (vowels, not hiss).
+        gate_dbfs: band level below which the mouth stays shut.
+        range_db: levels this far below the clip's loud speech map to 0.
+        min_span_db: smallest dB span mapped onto 0..1 (quiet clips don't saturate).
+        ref_percentile: percentile of the clip's voiced frames that maps to 1.
+        attack_s, release_s: time constants of the opening / closing smoother.
+        anticipation: share of the next frame's target already shown.
+        rest: openness below this is treated as closed (exactly the source).
+        jaw_drop: lower-lip drop at openness 1, as a fraction of lip-to-chin distance.
+        chin_follow: share of that drop the chin takes (the blend mask ends at
+            the jaw line, so a large chin move would be cut off there).
+        teeth: strength of the upper-teeth hint in a mouth that was closed.
+        split: where an already-parted mouth opens further, from the upper (0)
+            to the lower (1) inner lip; upper teeth sit above it.
+    """
+
+    window_s: float = 0.05
+    band_hz: tuple[float, float] = (300.0, 3000.0)
+    gate_dbfs: float = -50.0
+    range_db: float = 22.0
+    min_span_db: float = 18.0
+    ref_percentile: float = 95.0
+    attack_s: float = 0.02
+    release_s: float = 0.05
+    anticipation: float = 0.5
+    rest: float = 0.03
+    jaw_drop: float = 0.24
+    chin_follow: float = 0.6
+    teeth: float = 0.75
+    split: float = 0.7
+
+
+def _num_frames(num_samples: int, fps: int) -> int:
+    # Same float arithmetic as upstream (and features.num_frames, which pulls in torch).
+    return math.floor(num_samples / SAMPLE_RATE * fps)
+
+
+def _smoothstep(edge0: np.ndarray | float, edge1: np.ndarray | float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - edge0) / np.maximum(np.asarray(edge1) - edge0, 1e-6), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+class LiteRenderer:
+    """Mouth renderer without weights, with the same interface as MuseTalk's."""
+
+    name = "lite"
+
+    def __init__(self, settings: RenderSettings | None = None, params: LiteParams | None = None) -> None:
+        # The render settings hold compositing options only; lite uses none of them.
+        self.settings = settings
+        self.params = params or LiteParams()
+
+    # ------------------------------------------------------------------ audio
+    def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
+        """Per-frame mouth openness in ``[0, 1]`` for 16 kHz mono float32 audio.
+
+        Returns ``float32 [floor(len(audio)/16000*fps)]``; silent frames are exactly 0.
+        """
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise AudioError(f"audio must be mono 1-D samples, got shape {audio.shape}")
+        if fps < 1:
+            raise ValueError(f"fps must be positive, got {fps}")
+        n = _num_frames(audio.size, fps)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        level = self._band_level_db(audio, fps, n)
+        target = self._normalise(level)
+        p = self.params
+        # Articulation leads the sound: show part of the next frame's opening now.
+        ahead = np.append(target[1:], 0.0)
+        target = np.maximum(target, p.anticipation * ahead)
+        openness = self._attack_release(target, fps)
+        openness[openness < p.rest] = 0.0
+        return openness.astype(np.float32)
+
+    def _band_level_db(self, audio: np.ndarray, fps: int, n: int) -> np.ndarray:
+        """Speech-band RMS level (dBFS) of a Hann window centred on each frame."""
+        p = self.params
+        width = int(round(p.window_s * SAMPLE_RATE))
+        half = width // 2
+        centres = np.round((np.arange(n) + 0.5) / fps * SAMPLE_RATE).astype(np.int64)
+        padded = np.pad(audio.astype(np.float64), (half, width))
+        windows = padded[centres[:, None] + np.arange(width)[None, :]]
+        hann = np.hanning(width)
+        power = np.abs(np.fft.rfft(windows * hann, axis=1)) ** 2
+        freqs = np.fft.rfftfreq(width, 1.0 / SAMPLE_RATE)
+        band = (freqs >= p.band_hz[0]) & (freqs <= p.band_hz[1])
+        # Parseval: one-sided band power over the window's energy = mean square.
+        mean_square = 2.0 * power[:, band].sum(axis=1) / (width * np.sum(hann**2))
+        return 10.0 * np.log10(mean_square + 1e-20)
+
+    def _normalise(self, level: np.ndarray) -> np.ndarray:
+        """Clip-relative level → ``[0, 1]``: loud speech opens fully, the gate keeps noise shut."""
+        p = self.params
+        voiced = level[level > p.gate_dbfs]
+        if voiced.size == 0:
+            return np.zeros_like(level)
+        ref = float(np.percentile(voiced, p.ref_percentile))
+        low = max(ref - p.range_db, p.gate_dbfs)
+        high = max(ref, low + p.min_span_db)
+        return np.clip((level - low) / (high - low), 0.0, 1.0)
+
+    def _attack_release(self, target: np.ndarray, fps: int) -> np.ndarray:
+        p = self.params
+        attack = 1.0 - math.exp(-1.0 / (fps * p.attack_s))
+        release = 1.0 - math.exp(-1.0 / (fps * p.release_s))
+        out = np.empty_like(target)
+        state = 0.0
+        for i, value in enumerate(target):
+            state += (attack if value > state else release) * (value - state)
+            out[i] = state
+        return out
+
+    # ------------------------------------------------------------------ video
+    def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
+        """``[B,256,256,3]`` uint8 BGR: ``avatar.crops[src_idx[b]]`` with the mouth opened by ``cond[b]``."""
+        cond = np.asarray(cond, dtype=np.float32).reshape(-1)
+        src_idx = np.asarray(src_idx, dtype=np.int64).reshape(-1)
+        if cond.shape != src_idx.shape:
+            raise ValueError(f"{cond.size} openness values for {src_idx.size} source frames")
+        faces = np.array(avatar.crops[src_idx], dtype=np.uint8)
+        moving = np.flatnonzero(cond > 0)
+        if moving.size:
+            landmarks = crop_landmarks(avatar, src_idx[moving])
+            faces[moving] = self._open_mouths(faces[moving], landmarks, np.clip(cond[moving], 0.0, 1.0))
+        return faces
+
+    def _open_mouths(self, faces: np.ndarray, lm: np.ndarray, openness: np.ndarray) -> np.ndarray:
+        """Warp and paint a batch of crops (``lm``: ``[B,68,2]`` crop coordinates)."""
+        p = self.params
+        size = faces.shape[1]
+        geo = _MouthGeometry.build(lm, size, p)
+        top = int(max(0, math.floor(geo.upper.min())))
+        ys = np.arange(top, size, dtype=np.float32)[None, :, None] + 0.5
+        drop = (openness * p.jaw_drop * geo.lip_to_chin)[:, None, None]
+        line, lens, jaw = geo.line[:, None, :], geo.lens[:, None, :], geo.jaw[:, None, :]
+        # Lower lip: rows below the lip line slide down by drop*lens; the slope-1
+        # ramp samples the line itself in the gap, which the cavity then covers.
+        lip = np.minimum(np.maximum(ys - line, 0.0), drop * lens)
+        # Jaw: ramps in over the lip thickness (longer towards the cheeks so the
+        # skin stretches, never tears). Both ease to chin_follow at the chin and
+        # back to 0 at the crop's bottom edge; every ramp that grows has slope
+        # <= 1, so the map never folds.
+        ramp = np.maximum(geo.ramp[:, None, :], 2.0 * drop * jaw)
+        below = _smoothstep(line, line + ramp, ys)
+        chin = geo.chin[:, None, None]
+        follow = 1.0 - (1.0 - p.chin_follow) * _smoothstep(line, chin, ys)
+        fade = 1.0 - _smoothstep(chin, float(size), ys)
+        shift = np.maximum(lip, drop * jaw * below) * follow * fade
+        xs = np.arange(size, dtype=np.float32)
+        out = faces.copy()
+        for b in range(faces.shape[0]):
+            map_y = ys[0] - 0.5 - shift[b]
+            map_x = np.broadcast_to(xs, map_y.shape)
+            out[b, top:] = cv2.remap(
+                faces[b], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            )
+        # The chin sits well below the lips, so the gap there is drop * lens.
+        gap = drop * lens
+        rows, cols = _mouth_window(geo, gap, top, size)
+        line, gap = line[..., cols], gap[..., cols]
+        ys = ys[:, rows.start - top : rows.stop - top]
+        alpha = _cavity_alpha(ys, line, gap)[..., None]
+        shade = _cavity_colour(faces, lm, ys, line, gap, geo, cols, p.teeth)
+        window = out[:, rows, cols].astype(np.float32)
+        out[:, rows, cols] = np.rint(window + alpha * (shade - window)).clip(0, 255).astype(np.uint8)
+        return out
+
+
+def _mouth_window(geo: _MouthGeometry, gap: np.ndarray, top: int, size: int) -> tuple[slice, slice]:
+    """Rows and columns of the batch's crops that a mouth cavity can cover."""
+    left = geo.centre - geo.half_width
+    right = geo.centre + geo.half_width
+    bottom = float((geo.line[:, None, :] + gap).max())
+    cols = slice(max(0, int(left.min()) - 2), min(size, int(math.ceil(right.max())) + 2))
+    rows = slice(top, min(size, int(math.ceil(bottom)) + 3))
+    return rows, cols
+
+
+def crop_landmarks(avatar: Avatar, src_idx: np.ndarray) -> np.ndarray:
+    """``[B,68,2]`` landmarks of source frames ``src_idx`` in 256² crop coordinates."""
+    boxes = avatar.boxes[src_idx].astype(np.float32)
+    size = np.maximum(boxes[:, 2:] - boxes[:, :2], 1.0)
+    scale = (CROP_SIZE / size)[:, None, :]
+    return (avatar.landmarks[src_idx].astype(np.float32) - boxes[:, None, :2]) * scale
+
+
+@dataclass(frozen=True)
+class _MouthGeometry:
+    """Per-face column profiles (``[B,W]``) and scalars (``[B]``) that shape the warp."""
+
+    upper: np.ndarray  # upper inner-lip edge per column
+    line: np.ndarray  # where the lips part, between the inner-lip edges
+    lens: np.ndarray  # lip-gap shape: 1 at the mouth centre, 0 at the inner corners
+    jaw: np.ndarray  # jaw weight: 1 under the mouth, 0 at the jaw sides
+    ramp: np.ndarray  # rows over which the jaw displacement ramps in
+    chin: np.ndarray
+    lip_to_chin: np.ndarray
+    half_width: np.ndarray  # half the inner mouth width
+    centre: np.ndarray
+
+    @classmethod
+    def build(cls, lm: np.ndarray, size: int, p: LiteParams) -> _MouthGeometry:
+        xs = np.arange(size, dtype=np.float32) + 0.5
+        upper = np.stack([_lip_curve(xs, face[_INNER_UPPER]) for face in lm])
+        lower = np.stack([_lip_curve(xs, face[_INNER_LOWER]) for face in lm])
+        line = upper + p.split * np.maximum(lower - upper, 0.0)
+        corners = lm[:, [60, 64], 0]
+        centre = corners.mean(axis=1)
+        half = np.maximum(np.abs(corners[:, 1] - corners[:, 0]) / 2, 1.0)
+        dx = xs[None, :] - centre[:, None]
+        lens = np.clip(1.0 - (dx / half[:, None]) ** 2, 0.0, 1.0) ** 0.75
+        outer = np.maximum(np.abs(lm[:, 54, 0] - lm[:, 48, 0]) / 2, 1.0)
+        left, right = centre - lm[:, _JAW_LEFT, 0], lm[:, _JAW_RIGHT, 0] - centre
+        side = np.maximum(np.where(dx < 0, left[:, None], right[:, None]), outer[:, None] + 2.0)
+        jaw = 1.0 - _smoothstep(0.8 * outer[:, None], side, np.abs(dx))
+        centre_col = np.clip(centre, 0, size - 1).astype(np.int64)
+        centre_line = line[np.arange(len(lm)), centre_col]
+        thickness = np.maximum(lm[:, _LOWER_LIP_BOTTOM, 1] - centre_line, 4.0)
+        ramp = thickness[:, None] + np.maximum(np.abs(dx) - outer[:, None], 0.0)
+        chin = lm[:, _CHIN, 1]
+        lip_to_chin = np.maximum(chin - centre_line, 1.0)
+        return cls(upper, line, lens, jaw, ramp, chin, lip_to_chin, half, centre)
+
+
+def _lip_curve(xs: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """A lip edge through ``points`` as a function of x, flat beyond the corners."""
+    order = np.argsort(points[:, 0])
+    return np.interp(xs, points[order, 0], points[order, 1]).astype(np.float32)
+
+
+def _cavity_alpha(ys: np.ndarray, line: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Soft (≈1.5 px edge) coverage of the revealed gap between the parted lips."""
+    soft = 1.2
+    top = np.clip((ys - line) / soft + 0.5, 0.0, 1.0)
+    bottom = np.clip((line + gap - ys) / soft + 0.5, 0.0, 1.0)
+    # Thin gaps (corners, slight openings) read as a shadow, not a hole.
+    depth = np.clip(gap / 3.0, 0.0, 1.0)
+    return top * bottom * depth
+
+
+def _cavity_colour(
+    faces: np.ndarray, lm: np.ndarray, ys: np.ndarray, line: np.ndarray, gap: np.ndarray,
+    geo: _MouthGeometry, cols: slice, teeth: float,
+) -> np.ndarray:
+    """``[B,R,W,3]`` mouth interior: a dark tone of the lip colour, upper teeth at the top."""
+    lips = np.stack([_mean_colour(face, points) for face, points in zip(faces, lm[:, _OUTER_LIP])])
+    dx = (np.arange(cols.start, cols.stop, dtype=np.float32) + 0.5)[None, None, :] - geo.centre[:, None, None]
+    across = 1.0 - _smoothstep(0.3, 0.9, np.abs(dx) / geo.half_width[:, None, None])
+    depth = np.clip((ys - line) / np.maximum(gap, 1.0), 0.0, 1.0)
+    # Shadow under the upper teeth and in the corners, a little tongue colour low in the middle.
+    light = (0.2 + 0.25 * depth**2) * (0.7 + 0.3 * across)
+    tone = light[..., None] * (lips * _INTERIOR_TINT)[:, None, None, :]
+    gap_centre = gap.max(axis=2, keepdims=True)
+    teeth_height = np.minimum(0.3 * gap_centre, 0.12 * geo.half_width[:, None, None])
+    already_open = np.clip((geo.line - geo.upper)[:, cols].max(axis=1) / 3.0, 0.0, 1.0)[:, None, None]
+    below_teeth = _smoothstep(0.6, 1.0, (ys - line) / np.maximum(teeth_height, 0.5))
+    show = teeth * across * (1.0 - already_open) * (1.0 - below_teeth)
+    enamel = _ENAMEL * (0.75 + 0.25 * across[..., None])
+    return tone + show[..., None] * (enamel - tone)
+
+
+def _mean_colour(face: np.ndarray, points: np.ndarray) -> np.ndarray:
+    mask = np.zeros(face.shape[:2], dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 255)
+    if not mask.any():
+        return np.array([60.0, 60.0, 140.0], dtype=np.float32)
+    return np.array(cv2.mean(face, mask=mask)[:3], dtype=np.float32)

@@ -1,0 +1,209 @@
+"""The warm runtime: renderer, render engine and avatar caches, loaded once.
+
+`Runtime.load` is what a long-lived process (the server, the CLI) calls at
+start-up; `Runtime.render_clip` turns speech into an encoded clip that
+continues from a given avatar frame. Nothing here prepares an avatar at speak
+time: caches are loaded (or, for the built-in demo avatar and with
+``avatar.preparation``, built) during `load`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from . import media
+from .audio import resample
+from .avatar import Avatar, load_avatar
+from .config import RenderSettings, Settings
+from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
+from .errors import AudioError, AvatarCacheError, NotFound, WeightsMissing
+from .features import num_frames
+
+log = logging.getLogger(__name__)
+AUDIO_RATE = 16000
+
+
+@dataclass
+class RenderedClip:
+    """One encoded clip and what the session needs to continue after it."""
+
+    clip: media.EncodedClip
+    frames: int
+    duration_s: float
+    end_frame: int
+    audio_tail: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_renderer(settings: Settings) -> tuple[MouthRenderer, object | None]:
+    """The renderer the settings ask for, and the models behind it (None for lite)."""
+    choice = settings.models.renderer
+    if choice in ("auto", "musetalk", "tiny"):
+        from .models import load_models, missing_weights
+
+        if choice == "auto" and missing_weights(settings.models):
+            log.info("MuseTalk weights not found under %s: using the lite renderer", settings.models.models_dir)
+        else:
+            models = load_models(settings.models)
+            return MuseTalkRenderer(models), models
+    from .lite import LiteRenderer
+
+    return LiteRenderer(settings.render), None
+
+
+def latent_encoder(models: object | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
+    """The VAE crop encoder for avatar preparation and its id (None, None without models)."""
+    if models is None:
+        return None, None
+    from .models import encode_latents
+
+    return partial(encode_latents, models), models.vae_id  # type: ignore[attr-defined]
+
+
+class Runtime:
+    """Models, renderer and avatars of one process."""
+
+    def __init__(self, settings: Settings, renderer: MouthRenderer, models: object | None,
+                 avatars: dict[str, Avatar]) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.models = models
+        self.avatars = avatars
+        self.engine = RenderEngine(renderer, settings.render)
+
+    @classmethod
+    def load(cls, settings: Settings) -> Runtime:
+        """Load the renderer once and every usable avatar cache under ``avatar.cache_dir``."""
+        renderer, models = build_renderer(settings)
+        runtime = cls(settings, renderer, models, {})
+        runtime.avatars[settings.avatar.avatar_id] = runtime._startup_avatar()
+        runtime._load_other_caches()
+        log.info("runtime ready: renderer=%s device=%s avatars=%s",
+                 renderer.name, runtime.device, sorted(runtime.avatars))
+        return runtime
+
+    @property
+    def renderer_name(self) -> str:
+        return self.renderer.name
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.models, "device", "cpu"))
+
+    @property
+    def avatar_ids(self) -> list[str]:
+        return sorted(self.avatars)
+
+    def _startup_avatar(self) -> Avatar:
+        cfg = self.settings.avatar
+        if cfg.video_path is None or cfg.preparation:
+            from .prep import prepare_avatar
+
+            encoder, vae_id = latent_encoder(self.models)
+            return prepare_avatar(self.settings, encoder=encoder, vae_id=vae_id, progress=False)
+        avatar = load_avatar(cfg.avatar_id, cfg.cache_dir)
+        self._check_latents(avatar)
+        return avatar
+
+    def _check_latents(self, avatar: Avatar) -> None:
+        if self.models is not None and (
+            avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id  # type: ignore[attr-defined]
+        ):
+            raise AvatarCacheError(
+                f"avatar {avatar.avatar_id!r} was prepared for another VAE",
+                hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` to rebuild its latents",
+            )
+
+    def _load_other_caches(self) -> None:
+        root = Path(self.settings.avatar.cache_dir)
+        if not root.is_dir():
+            return
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in self.avatars):
+            try:
+                avatar = load_avatar(folder.name, root)
+                self._check_latents(avatar)
+            except (AvatarCacheError, WeightsMissing) as exc:
+                log.warning("skipping avatar cache %s: %s", folder.name, exc)
+                continue
+            self.avatars[folder.name] = avatar
+
+    def avatar(self, avatar_id: str | None) -> Avatar:
+        """A loaded avatar (the configured one when ``avatar_id`` is None)."""
+        key = avatar_id or self.settings.avatar.avatar_id
+        try:
+            return self.avatars[key]
+        except KeyError:
+            raise NotFound(
+                f"unknown avatar {key!r}; loaded avatars: {', '.join(self.avatar_ids)}",
+                hint="prepare it with `musetalk-warm prep --avatar-id ID --video-path FILE` and restart",
+            ) from None
+
+    def render_clip(
+        self,
+        audio16k: np.ndarray,
+        avatar_id: str | None,
+        start_frame: int,
+        *,
+        out_audio: np.ndarray | None = None,
+        prev_tail: np.ndarray | None = None,
+        render: RenderSettings | None = None,
+    ) -> RenderedClip:
+        """Render and encode ``audio16k`` (16 kHz mono float32) as one clip.
+
+        The audio is padded with trailing silence to the clip quantum, so every
+        clip is a whole number of video and AAC frames (gapless appends) and
+        ends with the mouth closed. ``out_audio`` is the same speech at
+        ``media.audio_rate`` for the output track (resampled from ``audio16k``
+        when omitted).
+        """
+        avatar = self.avatar(avatar_id)
+        fps = avatar.fps
+        if num_frames(len(audio16k), fps) < 1:
+            raise AudioError(
+                f"audio is {len(audio16k) / AUDIO_RATE * 1000:.0f} ms long, shorter than one video frame "
+                f"({1000 / fps:.0f} ms)"
+            )
+        mcfg = self.settings.media
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        speech = media.pad_to_quantum(audio16k, AUDIO_RATE, mcfg.clip_quantum_ms)
+        track = resample(audio16k, AUDIO_RATE, mcfg.audio_rate) if out_audio is None else out_audio
+        track = media.pad_to_quantum(track, mcfg.audio_rate, mcfg.clip_quantum_ms,
+                                     length=len(speech) * mcfg.audio_rate // AUDIO_RATE)
+        timings["audio"] = time.perf_counter() - t0
+
+        stats = RenderStats()
+        height, width = avatar.frames.shape[1:3]
+        encoder = media.ClipEncoder(width, height, fps, mcfg, audio=track, prev_tail=prev_tail)
+        encode_s = 0.0
+        t_render = time.perf_counter()
+        for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats):
+            t1 = time.perf_counter()
+            encoder.add_frame(frame)
+            encode_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        clip = encoder.finish()
+        encode_s += time.perf_counter() - t1
+        timings.update(stats.as_dict())
+        timings["render"] = time.perf_counter() - t_render - encode_s
+        timings["encode"] = encode_s
+        n = stats.frames
+        return RenderedClip(
+            clip=clip,
+            frames=n,
+            duration_s=n / fps,
+            end_frame=(start_frame + n) % avatar.cycle_length,
+            audio_tail=track[-media.AAC_CONTEXT_SAMPLES:].copy(),
+            timings={k: round(v, 4) for k, v in timings.items()},
+        )
+
+    def close(self) -> None:
+        """Release worker threads."""
+        self.engine.close()

@@ -1,0 +1,182 @@
+"""The weightless lite renderer on a real face photo and real synthetic speech."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from musetalk_warm.avatar import CROP_SIZE, Avatar
+from musetalk_warm.errors import AudioError
+from musetalk_warm.features import num_frames
+from musetalk_warm.landmarks import detect_landmarks
+from musetalk_warm.lite import LiteRenderer, crop_landmarks
+
+SR = 16000
+FPS = 25
+
+
+def _v15_box(lm: np.ndarray, extra_margin: int = 10) -> np.ndarray:
+    """Upstream v1.5 face box from iBUG-68 landmarks (bbox_shift 0)."""
+    y2 = lm[:, 1].max()
+    y1 = 2 * lm[29, 1] - y2
+    return np.array([lm[:, 0].min(), y1, lm[:, 0].max(), y2 + extra_margin]).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def avatar(face_bgr: np.ndarray) -> Avatar:
+    """Three frames of the astronaut: as shot, shifted, and slightly zoomed out."""
+    lm0 = detect_landmarks(face_bgr)
+    assert lm0 is not None
+    moves = [np.float32([[1, 0, 0], [0, 1, 0]]), np.float32([[1, 0, 6], [0, 1, 4]]),
+             cv2.getRotationMatrix2D((256.0, 256.0), 3.0, 0.92)]
+    frames, marks, boxes, crops = [], [], [], []
+    for m in moves:
+        frame = cv2.warpAffine(face_bgr, m, face_bgr.shape[1::-1], flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT)
+        lm = (lm0 @ m[:, :2].T + m[:, 2]).astype(np.float32)
+        box = _v15_box(lm)
+        x1, y1, x2, y2 = box
+        crop = cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
+        frames.append(frame), marks.append(lm), boxes.append(box), crops.append(crop)
+    n = len(frames)
+    return Avatar(
+        avatar_id="astronaut", fps=FPS, frames=np.stack(frames), boxes=np.stack(boxes),
+        landmarks=np.stack(marks), crops=np.stack(crops), latents=None,
+        masks=tuple(np.zeros((2, 2), np.uint8) for _ in range(n)), crop_boxes=np.stack(boxes),
+    )
+
+
+def _regions(avatar: Avatar, idx: int) -> tuple[tuple[slice, slice], int, tuple[int, int]]:
+    """Mouth/jaw box, last row above the nose, jaw side columns (crop coordinates)."""
+    lm = crop_landmarks(avatar, np.array([idx]))[0]
+    mouth = (slice(int(lm[33, 1]), int(lm[8, 1]) + 1), slice(int(lm[48, 0]) - 5, int(lm[54, 0]) + 6))
+    return mouth, int(lm[31:36, 1].min()), (int(math.floor(lm[4, 0])), int(math.ceil(lm[12, 0])))
+
+
+def _generate(renderer: LiteRenderer, avatar: Avatar, cond: np.ndarray, batch: int = 16) -> np.ndarray:
+    src = avatar.source_index(np.arange(len(cond)))
+    starts = range(0, len(cond), batch)
+    parts = [renderer.generate(avatar, cond[i : i + batch], src[i : i + batch]) for i in starts]
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_condition_has_one_value_per_video_frame(fps: int) -> None:
+    rng = np.random.default_rng(0)
+    renderer = LiteRenderer()
+    for length in (0, 1, 533, 639, 640, 16000, 16001, 53920, 12345):
+        audio = (0.1 * rng.standard_normal(length)).astype(np.float32)
+        cond = renderer.condition(audio, fps)
+        assert cond.shape == (math.floor(length / SR * fps),) == (num_frames(length, fps),)
+        assert cond.dtype == np.float32
+        assert np.all((cond >= 0) & (cond <= 1))
+
+
+def test_condition_refuses_multichannel_audio() -> None:
+    with pytest.raises(AudioError):
+        LiteRenderer().condition(np.zeros((2, 16000), np.float32), FPS)
+
+
+def test_silence_and_quiet_noise_keep_the_source_mouth(avatar: Avatar) -> None:
+    renderer = LiteRenderer()
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal(2 * SR)
+    quiet = (noise / np.sqrt(np.mean(noise**2)) * 10 ** (-60 / 20)).astype(np.float32)  # -60 dBFS RMS
+    for audio in (np.zeros(2 * SR, np.float32), quiet):
+        cond = renderer.condition(audio, FPS)
+        assert len(cond) == 2 * FPS and np.all(cond == 0)
+        faces = _generate(renderer, avatar, cond)
+        src = avatar.crops[avatar.source_index(np.arange(len(cond)))]
+        assert np.array_equal(faces, src)
+
+
+def test_mouth_change_follows_speech_energy(avatar: Avatar, speech_16k: np.ndarray) -> None:
+    renderer = LiteRenderer()
+    cond = renderer.condition(speech_16k, FPS)
+    faces = _generate(renderer, avatar, cond)
+    src_idx = avatar.source_index(np.arange(len(cond)))
+    change = np.empty(len(cond))
+    for i, (face, s) in enumerate(zip(faces, src_idx)):
+        mouth, _, _ = _regions(avatar, int(s))
+        change[i] = np.abs(face[mouth].astype(np.int16) - avatar.crops[s][mouth]).mean()
+    bounds = (np.arange(len(cond) + 1) * SR / FPS).astype(int)
+    rms = np.array([np.sqrt(np.mean(speech_16k[a:b] ** 2)) for a, b in zip(bounds[:-1], bounds[1:])])
+    r = np.corrcoef(change, rms)[0, 1]
+    print(f"lite: Pearson r(mouth change, frame RMS) = {r:.3f} over {len(cond)} frames")
+    assert r > 0.5
+    # The speech moves the mouth, and the trailing silence leaves it shut.
+    assert change.max() > 10
+    assert rms[-1] < 1e-4 and change[-1] == 0
+
+
+def test_openness_moves_only_the_lower_face(avatar: Avatar) -> None:
+    renderer = LiteRenderer()
+    previous = np.zeros(len(avatar))
+    for level in (0.05, 0.25, 0.5, 1.0):
+        faces = renderer.generate(avatar, np.full(len(avatar), level, np.float32), np.arange(len(avatar)))
+        assert faces.shape == (len(avatar), CROP_SIZE, CROP_SIZE, 3) and faces.dtype == np.uint8
+        for i, face in enumerate(faces):
+            src = avatar.crops[i]
+            mouth, nose_row, (left, right) = _regions(avatar, i)
+            assert np.array_equal(face[:nose_row], src[:nose_row])  # upper face untouched
+            assert np.array_equal(face[:, : left - 1], src[:, : left - 1])  # beyond the jaw sides
+            assert np.array_equal(face[:, right + 2 :], src[:, right + 2 :])
+            change = np.abs(face[mouth].astype(np.int16) - src[mouth]).mean()
+            assert change > previous[i]
+            previous[i] = change
+            if level == 0.05:
+                assert change < 3  # a slight opening is a slight change: no pops
+    assert np.all(previous > 15)  # fully open: a clear change (grey levels, mouth/jaw box mean)
+
+
+def test_open_mouth_shows_a_dark_cavity(avatar: Avatar) -> None:
+    open_face = LiteRenderer().generate(avatar, np.ones(1, np.float32), np.zeros(1, np.int64))[0]
+    lm = crop_landmarks(avatar, np.array([0]))[0]
+    x = int(lm[62, 0])
+    column = slice(x - 3, x + 4)
+    # Below the parted lips (lower inner lip moved down) the interior is dark.
+    rows = slice(int(lm[66, 1]), int(lm[66, 1]) + 8)
+    src_luma = cv2.cvtColor(avatar.crops[0], cv2.COLOR_BGR2GRAY)[rows, column].mean()
+    new_luma = cv2.cvtColor(open_face, cv2.COLOR_BGR2GRAY)[rows, column].mean()
+    assert new_luma < 0.5 * src_luma
+
+
+def test_generate_is_deterministic_and_handles_empty_batches(avatar: Avatar) -> None:
+    renderer = LiteRenderer()
+    cond = np.array([0.0, 0.3, 0.9], np.float32)
+    idx = np.array([2, 0, 1])
+    first = renderer.generate(avatar, cond, idx)
+    assert np.array_equal(first, LiteRenderer().generate(avatar, cond, idx))
+    assert np.array_equal(first[0], avatar.crops[2])
+    empty = renderer.generate(avatar, np.zeros(0, np.float32), np.zeros(0, np.int64))
+    assert empty.shape == (0, CROP_SIZE, CROP_SIZE, 3)
+
+
+def _band_noise(rng: np.random.Generator, low: float, high: float, seconds: float, dbfs: float) -> np.ndarray:
+    spectrum = np.fft.rfft(rng.standard_normal(int(seconds * SR)))
+    freqs = np.fft.rfftfreq(int(seconds * SR), 1 / SR)
+    x = np.fft.irfft(spectrum * ((freqs >= low) & (freqs <= high)), int(seconds * SR))
+    return (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+def test_hiss_opens_less_than_voiced_band_energy() -> None:
+    rng = np.random.default_rng(2)
+    hiss = _band_noise(rng, 4000, 7500, 1.0, -20)
+    voiced = _band_noise(rng, 300, 3000, 1.0, -20)
+    cond = LiteRenderer().condition(np.concatenate([hiss, voiced]), FPS)
+    assert cond[5:FPS].mean() < 0.5 * cond[FPS + 5 :].mean()
+
+
+def test_mouth_anticipates_onsets_and_releases_slowly() -> None:
+    onset = int(1.02 * SR)  # frame 24's window ends at 1.005 s: silent; frame 25 hears the onset
+    vowel = _band_noise(np.random.default_rng(3), 300, 3000, 0.5, -20)
+    audio = np.concatenate([np.zeros(onset, np.float32), vowel, np.zeros(SR, np.float32)])
+    cond = LiteRenderer().condition(audio, FPS)
+    assert cond[23] == 0 and 0 < cond[24] < cond[25]
+    end = math.floor((onset + len(vowel)) / SR * FPS)
+    tail = cond[end + 1 :]
+    assert tail[0] > 0.1 and np.all(np.diff(tail) <= 0)  # closes over a few frames, not at once
+    assert np.all(tail[8:] == 0)
