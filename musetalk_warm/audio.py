@@ -1,0 +1,50 @@
+"""Any audio upload (bytes or a path, any container/codec FFmpeg reads) → validated
+mono float32 at a requested rate.
+
+Decoding goes through PyAV (:func:`musetalk_warm.media.decode_audio`), so no ffmpeg
+process is spawned. Resampling uses soxr at HQ quality: it is what upstream
+MuseTalk's ``librosa.load(sr=16000)`` applies by default (``res_type="soxr_hq"``), so
+the Whisper features match upstream; PyAV's swresample would differ slightly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from .errors import AudioError
+from .media import decode_audio
+
+
+def load_audio(
+    source: bytes | str | Path,
+    rate: int = 16000,
+    *,
+    min_seconds: float = 0.04,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode ``source`` to mono float32 at ``rate``; channels are averaged.
+
+    Raises :class:`AudioError` for empty, unreadable, non-audio or corrupt input, and
+    for audio shorter than ``min_seconds`` or longer than ``max_seconds``.
+    """
+    blocks, native = decode_audio(source, max_seconds)
+    mono = np.concatenate([block.mean(axis=0) for block in blocks]).astype(np.float32)
+    seconds = len(mono) / native
+    if seconds < min_seconds:
+        raise AudioError(f"audio is {seconds * 1000:.0f} ms long; the minimum is {min_seconds * 1000:.0f} ms")
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioError(f"audio is {seconds:.1f} s long; the maximum is {max_seconds:g} s")
+    if not np.isfinite(mono).all():
+        raise AudioError("audio holds invalid (NaN or infinite) samples")
+    return resample(mono, native, rate)
+
+
+def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Mono float32 ``audio`` from ``src_rate`` to ``dst_rate`` (soxr HQ)."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if src_rate == dst_rate:
+        return audio.copy()
+    return soxr.resample(audio, src_rate, dst_rate, quality="HQ").astype(np.float32, copy=False)
