@@ -7,10 +7,19 @@ json manifest; never pickle).
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors import numpy as st_numpy
+
+from .config import safe_name
+from .errors import AvatarCacheError
 
 CROP_SIZE = 256
 
@@ -58,3 +67,156 @@ class Avatar:
         n = len(self)
         j = np.asarray(position, dtype=np.int64) % (2 * n)
         return np.where(j < n, j, 2 * n - 1 - j)
+
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_FRAMES = "frames.npy"
+_CROPS = "crops.npy"
+_ARRAYS = "arrays.safetensors"
+_MASKS = "masks.safetensors"
+_PREP_HINT = "run `python -m scripts.force_prep --avatar-id {id}` (or `musetalk-warm prep --avatar-id {id}`)"
+
+
+def _hint(avatar_id: str) -> str:
+    return _PREP_HINT.format(id=avatar_id)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _mask_key(index: int) -> str:
+    return f"mask_{index:06d}"
+
+
+def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
+    """Write ``avatar`` under ``<cache_root>/<avatar_id>/`` and return that folder.
+
+    Each file is replaced atomically. The old manifest is removed first and the
+    new one written last, so an interrupted save leaves a cache that
+    :func:`load_avatar` refuses instead of a mix of old and new files.
+    """
+    folder = Path(cache_root) / avatar.avatar_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    arrays = {
+        "boxes": np.ascontiguousarray(avatar.boxes, dtype=np.int32),
+        "landmarks": np.ascontiguousarray(avatar.landmarks, dtype=np.float32),
+        "crop_boxes": np.ascontiguousarray(avatar.crop_boxes, dtype=np.int32),
+    }
+    if avatar.latents is not None:
+        arrays["latents"] = np.ascontiguousarray(avatar.latents, dtype=np.float32)
+    masks = {_mask_key(i): np.ascontiguousarray(m, dtype=np.uint8) for i, m in enumerate(avatar.masks)}
+    _write_atomic(folder / _FRAMES, lambda fh: np.save(fh, np.asarray(avatar.frames), allow_pickle=False))
+    _write_atomic(folder / _CROPS, lambda fh: np.save(fh, np.asarray(avatar.crops), allow_pickle=False))
+    _write_atomic(folder / _ARRAYS, lambda fh: fh.write(st_numpy.save(arrays)))
+    _write_atomic(folder / _MASKS, lambda fh: fh.write(st_numpy.save(masks)))
+    manifest = {
+        **avatar.manifest,
+        "format_version": FORMAT_VERSION,
+        "avatar_id": avatar.avatar_id,
+        "fps": avatar.fps,
+        "num_frames": len(avatar),
+        "frame_size": [int(avatar.frames.shape[2]), int(avatar.frames.shape[1])],
+        "has_latents": avatar.latents is not None,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    _write_atomic(folder / MANIFEST, lambda fh: fh.write(text.encode()))
+    return folder
+
+
+def read_manifest(avatar_id: str, cache_root: str | Path) -> dict[str, Any] | None:
+    """The cache's manifest, or ``None`` when it is missing, unreadable or of another format."""
+    try:
+        manifest = json.loads((Path(cache_root) / avatar_id / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    return manifest
+
+
+def load_avatar(avatar_id: str, cache_root: str | Path, *, mmap: bool = True) -> Avatar:
+    """Load a prepared avatar; with ``mmap`` the frames stay on disk (read-only memmap).
+
+    Raises :class:`AvatarCacheError` when the cache is missing, half-written,
+    unreadable or of another format version.
+    """
+    try:
+        safe_name(avatar_id, "avatar_id")
+    except ValueError as exc:
+        raise AvatarCacheError(str(exc)) from None
+    folder = Path(cache_root) / avatar_id
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise AvatarCacheError(f"avatar {avatar_id!r} has not been prepared", hint=_hint(avatar_id))
+    manifest = read_manifest(avatar_id, cache_root)
+    if manifest is None:
+        raise AvatarCacheError(
+            f"the cache of avatar {avatar_id!r} is unreadable or of another format "
+            f"(this version reads format {FORMAT_VERSION})",
+            hint=_hint(avatar_id) + " with --force",
+        )
+    try:
+        frames = np.load(folder / _FRAMES, mmap_mode="r" if mmap else None, allow_pickle=False)
+        crops = np.load(folder / _CROPS, allow_pickle=False)
+        arrays = st_numpy.load_file(str(folder / _ARRAYS))
+        stored = st_numpy.load_file(str(folder / _MASKS))
+        n = int(manifest["num_frames"])
+        masks = tuple(stored[_mask_key(i)] for i in range(n))
+        avatar = Avatar(
+            avatar_id=avatar_id,
+            fps=int(manifest["fps"]),
+            frames=frames,
+            boxes=arrays["boxes"],
+            landmarks=arrays["landmarks"],
+            crops=crops,
+            latents=arrays.get("latents"),
+            masks=masks,
+            crop_boxes=arrays["crop_boxes"],
+            manifest=manifest,
+        )
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise AvatarCacheError(
+            f"the cache of avatar {avatar_id!r} is damaged ({type(exc).__name__})",
+            hint=_hint(avatar_id) + " with --force",
+        ) from exc
+    sizes = {len(frames), len(crops), len(avatar.boxes), len(avatar.landmarks), len(avatar.crop_boxes)}
+    if avatar.latents is not None:
+        sizes.add(len(avatar.latents))
+    if sizes != {n}:
+        raise AvatarCacheError(
+            f"the cache of avatar {avatar_id!r} is inconsistent (frame counts {sorted(sizes)})",
+            hint=_hint(avatar_id) + " with --force",
+        )
+    return avatar
+
+
+def cache_is_current(
+    avatar_id: str,
+    cache_root: str | Path,
+    *,
+    source_sha256: str,
+    params: dict[str, Any],
+    vae_id: str | None,
+) -> bool:
+    """Whether the cache was built from this source with these parameters and VAE.
+
+    ``vae_id=None`` (no latents wanted) accepts a cache with or without latents.
+    """
+    manifest = read_manifest(avatar_id, cache_root)
+    # Compare as JSON stores them (tuples become lists).
+    params = json.loads(json.dumps(params))
+    return (
+        manifest is not None
+        and manifest.get("source", {}).get("sha256") == source_sha256
+        and manifest.get("params") == params
+        and (vae_id is None or manifest.get("vae_id") == vae_id)
+    )

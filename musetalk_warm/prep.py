@@ -1,0 +1,353 @@
+"""Avatar preparation ("force prep"): source frames -> boxes, crops, masks, latents -> cache.
+
+Per frame, as upstream MuseTalk v1.5 (``get_landmark_and_bbox`` and
+``Avatar.prepare_material``): 68 landmarks, the face box from them (detector
+box as fallback), ``extra_margin`` below the chin, a 256x256 LANCZOS4 crop, the
+blend mask over the 1.5x crop box, and the VAE latents of the crop. One
+deliberate difference: upstream forces ``bbox_shift = 0`` for v1.5; here it
+stays configurable (default 0).
+
+The result is cached (:mod:`musetalk_warm.avatar`). Running again on the same
+source with the same parameters and VAE only loads the cache; when only the
+VAE changed, only the latents are recomputed. Servers call
+:func:`~musetalk_warm.avatar.load_avatar` and never prepare at speak time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from importlib import metadata
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .avatar import CROP_SIZE, Avatar, cache_is_current, load_avatar, save_avatar
+from .config import Settings
+from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
+from .errors import BadInput, ConfigError, FaceNotFound
+from .landmarks import Detection, LandmarkDetector, make_detector
+from .masks import Box, blend_mask, crop_box, landmark_segment
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[np.ndarray], np.ndarray]
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+# BiSeNet's checkpoint holds the whole network (the ResNet-18 file upstream also
+# reads is only an initialisation it overwrites).
+PARSING_CHECKPOINT = "79999_iter.pth"
+_VERSIONED = ("numpy", "opencv-contrib-python", "mediapipe", "scikit-image", "musetalk-warm")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the avatar's frames come from; ``sha256`` identifies the content."""
+
+    kind: str  # "video", "image" or "demo"
+    name: str
+    sha256: str
+    path: Path | None = None
+
+
+def describe_source(settings: Settings) -> Source:
+    """The configured source and its content hash (reads the file, decodes nothing)."""
+    cfg = settings.avatar
+    if cfg.video_path is None:
+        return Source("demo", DEMO_SOURCE_ID, demo_source_sha256(cfg.demo_seconds, cfg.fps))
+    path = Path(cfg.video_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"avatar.video_path: file not found: {path.name}",
+            hint="point avatar.video_path (or --video-path) at a video or image of the avatar",
+        )
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+    return Source(kind, path.name, digest, path)
+
+
+def read_frames(source: Source, settings: Settings) -> np.ndarray:
+    """``[N,H,W,3]`` uint8 BGR frames at ``avatar.fps``, at most ``avatar.max_frames``."""
+    cfg = settings.avatar
+    limit = cfg.max_frames or None
+    if source.kind == "demo":
+        return demo_frames(cfg.demo_seconds, cfg.fps)[:limit]
+    assert source.path is not None
+    if source.kind == "image":
+        # A still image is a one-frame avatar: its ping-pong cycle is a motionless loop.
+        image = cv2.imread(str(source.path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise BadInput(f"avatar image {source.name} cannot be read")
+        return image[None]
+    from .media import iter_video_frames
+
+    frames = list(islice(iter_video_frames(source.path, cfg.fps), limit))
+    if not frames:
+        raise BadInput(f"avatar video {source.name} has no frames")
+    return np.stack(frames)
+
+
+def prep_params(settings: Settings, mask_source: str) -> dict[str, Any]:
+    """Every parameter the cache content depends on (compared for the no-op rule)."""
+    cfg, render = settings.avatar, settings.render
+    return {
+        "fps": cfg.fps,
+        "max_frames": cfg.max_frames,
+        "bbox_shift": cfg.bbox_shift,
+        "extra_margin": cfg.extra_margin,
+        "landmark_backend": cfg.landmark_backend,
+        "mask_source": mask_source,
+        "parsing_mode": cfg.parsing_mode if mask_source == "parsing" else None,
+        "expand": render.expand,
+        "upper_boundary_ratio": render.upper_boundary_ratio,
+        "blur_ratio": render.blur_ratio,
+        "crop_size": CROP_SIZE,
+    }
+
+
+def resolve_mask_source(settings: Settings) -> str:
+    """``parsing`` (BiSeNet) or ``landmarks`` for ``avatar.mask_source``.
+
+    ``auto`` takes BiSeNet when its checkpoint is present.
+    """
+    choice = settings.avatar.mask_source
+    if choice != "auto":
+        return choice
+    models = settings.models
+    return "parsing" if (models.path(models.face_parsing_dir) / PARSING_CHECKPOINT).is_file() else "landmarks"
+
+
+def face_box(landmarks: np.ndarray, fallback: Box, *, bbox_shift: int = 0) -> tuple[Box, bool]:
+    """Upstream's face box from 68 landmarks, and whether the fallback box was used.
+
+    As ``get_landmark_and_bbox``: landmarks truncated to int32; centre
+    ``y29 + bbox_shift`` (the shift is applied through a view, so it also moves
+    point 29 itself before the chin maximum is taken); ``y1 = max(0, 2*centre -
+    max_y)``, so a shift moves the top edge by twice its value; x from the
+    landmark extremes, ``y2`` the lowest landmark. When the box is empty or
+    ``x1 < 0``, the detector box ``fallback`` is used.
+    """
+    lm = np.asarray(landmarks).astype(np.int32)
+    half_face_coord = lm[29]
+    if bbox_shift != 0:
+        half_face_coord[1] += bbox_shift
+    half_face_dist = np.max(lm[:, 1]) - half_face_coord[1]
+    upper_bond = max(0, half_face_coord[1] - half_face_dist)
+    box = (int(np.min(lm[:, 0])), int(upper_bond), int(np.max(lm[:, 0])), int(np.max(lm[:, 1])))
+    x1, y1, x2, y2 = box
+    if y2 - y1 <= 0 or x2 - x1 <= 0 or x1 < 0:
+        return detector_box(fallback), True
+    return box, False
+
+
+def detector_box(box: tuple[float, ...]) -> Box:
+    """A detector box as upstream's S3FD wrapper returns it: clipped at 0, truncated to int."""
+    x1, y1, x2, y2 = (int(max(0.0, v)) for v in box[:4])
+    return (x1, y1, x2, y2)
+
+
+def with_margin(box: Box, extra_margin: int, frame_height: int) -> Box:
+    """v1.5: ``y2 = min(y2 + extra_margin, frame_height)``; x1, y1, x2 unchanged."""
+    x1, y1, x2, y2 = box
+    return (x1, y1, x2, min(y2 + extra_margin, frame_height))
+
+
+def face_crop(frame: np.ndarray, box: Box) -> np.ndarray:
+    """The box's pixels resized to ``256x256`` with cv2 INTER_LANCZOS4."""
+    x1, y1, x2, y2 = box
+    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
+
+
+def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
+    """``[N,8,32,32]`` float32 latents of ``crops``, ``batch_size`` crops per encoder call."""
+    starts = range(0, len(crops), batch_size)
+    parts = [
+        np.asarray(encoder(crops[i : i + batch_size]), dtype=np.float32)
+        for i in tqdm(starts, desc="latents", unit="batch", disable=not progress)
+    ]
+    latents = np.concatenate(parts)
+    if latents.shape != (len(crops), 8, 32, 32):
+        raise ValueError(f"the encoder returned {latents.shape}, expected ({len(crops)}, 8, 32, 32)")
+    return latents
+
+
+def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector: LandmarkDetector | None,
+                progress: bool) -> tuple[list[Detection | None], str]:
+    """Detections per frame and the detector's name; a detector made here is closed after."""
+    bar: Iterator[np.ndarray] = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
+    if detector is not None:
+        return [detector.detect(frame) for frame in bar], detector.name
+    # Tracking across frames steadies the points of a video; a still image is one photo.
+    owned = make_detector(settings.avatar.landmark_backend, video=source.kind != "image")
+    try:
+        return [owned.detect(frame) for frame in bar], owned.name
+    finally:
+        owned.close()
+
+
+def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings,
+           source: Source) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """Boxes ``[N,4]`` and landmarks ``[N,68,2]``; frames without a usable face borrow the nearest one's."""
+    cfg = settings.avatar
+    height, width = frames.shape[1:3]
+    boxes = np.zeros((len(frames), 4), dtype=np.int32)
+    landmarks = np.zeros((len(frames), 68, 2), dtype=np.float32)
+    usable, fallback = [], []
+    for i, det in enumerate(found):
+        if det is None:
+            continue
+        box, used_fallback = face_box(det.landmarks, det.box, bbox_shift=cfg.bbox_shift)
+        x1, y1, x2, y2 = with_margin(box, cfg.extra_margin, height)
+        if x2 <= x1 or y2 <= y1 or x1 >= width or y1 >= height:
+            continue
+        boxes[i], landmarks[i] = (x1, y1, x2, y2), det.landmarks
+        usable.append(i)
+        if used_fallback:
+            fallback.append(i)
+    if not usable:
+        raise FaceNotFound(
+            f"no face found in the avatar source {source.name} ({len(frames)} frames)",
+            hint="use a video or photo with one clearly visible, roughly frontal face",
+        )
+    have = np.asarray(usable)
+    missing = sorted(set(range(len(frames))) - set(usable))
+    for i in missing:
+        nearest = int(have[np.argmin(np.abs(have - i))])
+        boxes[i], landmarks[i] = boxes[nearest], landmarks[nearest]
+    if missing:
+        log.warning("no face in %d of %d frames; they reuse the nearest frame's box", len(missing), len(frames))
+    return boxes, landmarks, {"faceless_frames": missing, "fallback_box_frames": fallback}
+
+
+def _masks(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, settings: Settings,
+           mask_source: str) -> tuple[list[np.ndarray], np.ndarray]:
+    render = settings.render
+    segment: Callable[[int, Box], np.ndarray]
+    if mask_source == "parsing":
+        from PIL import Image
+
+        from .models import resolve_device
+        from .parsing import FaceParser
+
+        models = settings.models
+        parser = FaceParser(models.models_dir, resolve_device(models.device), subdir=models.face_parsing_dir)
+        mode = settings.avatar.parsing_mode
+
+        def segment(i: int, box: Box) -> np.ndarray:
+            # Upstream parses the RGB crop box of the frame (black outside the frame).
+            return parser.segment(Image.fromarray(frames[i][:, :, ::-1]).crop(box), mode)
+    else:
+
+        def segment(i: int, box: Box) -> np.ndarray:
+            return landmark_segment(landmarks[i], box)
+
+    masks, crop_boxes = [], np.zeros((len(frames), 4), dtype=np.int32)
+    for i, box in enumerate(boxes):
+        face = (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
+        mask, crop_boxes[i] = blend_mask(
+            frames.shape[1:], face, segment(i, crop_box(face, render.expand)),
+            upper_boundary_ratio=render.upper_boundary_ratio,
+            expand=render.expand,
+            blur_ratio=render.blur_ratio,
+        )
+        masks.append(mask)
+    return masks, crop_boxes
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def prepare_avatar(
+    settings: Settings,
+    *,
+    encoder: Encoder | None = None,
+    vae_id: str | None = None,
+    force: bool = False,
+    detector: LandmarkDetector | None = None,
+    progress: bool = True,
+) -> Avatar:
+    """Prepare (or reuse) the configured avatar and return it as cached.
+
+    ``encoder`` maps ``[B,256,256,3]`` uint8 BGR crops to ``[B,8,32,32]``
+    float32 latents and ``vae_id`` names it; without one the avatar has no
+    latents (enough for the lite renderer). The cache is reused when the
+    source, parameters and VAE match, unless ``force``. ``detector`` defaults
+    to a fresh ``avatar.landmark_backend`` detector (a video detector carries
+    tracking state, so pass a fresh one per source).
+    """
+    if encoder is not None and vae_id is None:
+        raise ValueError("vae_id must name the encoder's VAE")
+    cfg = settings.avatar
+    started = time.perf_counter()
+    source = describe_source(settings)
+    mask_source = resolve_mask_source(settings)
+    params = prep_params(settings, mask_source)
+    key = {"source_sha256": source.sha256, "params": params}
+    if not force and cache_is_current(cfg.avatar_id, cfg.cache_dir, **key, vae_id=vae_id):
+        log.info("avatar %s: cache is current, loaded", cfg.avatar_id)
+        return load_avatar(cfg.avatar_id, cfg.cache_dir)
+    if not force and encoder is not None and cache_is_current(cfg.avatar_id, cfg.cache_dir, **key, vae_id=None):
+        cached = load_avatar(cfg.avatar_id, cfg.cache_dir, mmap=False)
+        latents = encode_crops(encoder, cached.crops, settings.render.batch_size, progress)
+        manifest = {**cached.manifest, "vae_id": vae_id}
+        save_avatar(replace(cached, latents=latents, manifest=manifest), cfg.cache_dir)
+        log.info("avatar %s: only the VAE changed, latents recomputed in %.1f s",
+                 cfg.avatar_id, time.perf_counter() - started)
+        return load_avatar(cfg.avatar_id, cfg.cache_dir)
+
+    frames = read_frames(source, settings)
+    found, detector_name = _detect_all(frames, settings, source, detector, progress)
+    boxes, landmarks, notes = _boxes(frames, found, settings, source)
+    crops = np.stack([face_crop(frame, tuple(box)) for frame, box in zip(frames, boxes)])
+    masks, crop_boxes = _masks(frames, boxes, landmarks, settings, mask_source)
+    latents = None if encoder is None else encode_crops(encoder, crops, settings.render.batch_size, progress)
+    manifest = {
+        "source": {"kind": source.kind, "name": source.name, "sha256": source.sha256},
+        "params": params,
+        "vae_id": vae_id if latents is not None else None,
+        "detector": detector_name,
+        "versions": _versions(),
+        **notes,
+    }
+    avatar = Avatar(cfg.avatar_id, cfg.fps, frames, boxes, landmarks, crops, latents,
+                    tuple(masks), crop_boxes, manifest)
+    save_avatar(avatar, cfg.cache_dir)
+    log.info("avatar %s: prepared %d frames from %s %s in %.1f s (masks: %s, latents: %s)",
+             cfg.avatar_id, len(frames), source.kind, source.name, time.perf_counter() - started,
+             mask_source, vae_id)
+    return load_avatar(cfg.avatar_id, cfg.cache_dir)
+
+
+def load_or_prepare(
+    settings: Settings,
+    *,
+    encoder: Encoder | None = None,
+    vae_id: str | None = None,
+    detector: LandmarkDetector | None = None,
+    progress: bool = True,
+) -> Avatar:
+    """The avatar for a CLI or demo run.
+
+    With ``avatar.preparation`` or the built-in demo avatar, prepare it (a
+    no-op load when the cache is current); otherwise only load the cache,
+    never running detection (a missing cache is an :class:`AvatarCacheError`).
+    """
+    cfg = settings.avatar
+    if cfg.preparation or cfg.video_path is None:
+        return prepare_avatar(settings, encoder=encoder, vae_id=vae_id, detector=detector, progress=progress)
+    return load_avatar(cfg.avatar_id, cfg.cache_dir)

@@ -1,0 +1,351 @@
+"""Avatar preparation: the upstream box rule, the cache, the no-op rule, sources, latents."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from musetalk_warm.avatar import load_avatar, save_avatar
+from musetalk_warm.config import Settings
+from musetalk_warm.demo import demo_frames
+from musetalk_warm.errors import AvatarCacheError, FaceNotFound
+from musetalk_warm.landmarks import Detection, MediapipeDetector
+from musetalk_warm.prep import face_box, load_or_prepare, prepare_avatar, with_margin
+
+SECONDS, FPS = 1.0, 12  # 12 small demo frames keep each prep near a second
+
+
+class CountingDetector:
+    """The real mediapipe detector, counting its calls."""
+
+    name = "mediapipe"
+
+    def __init__(self) -> None:
+        self.inner = MediapipeDetector(video=True)
+        self.calls = 0
+
+    def detect(self, frame_bgr: np.ndarray) -> Detection | None:
+        self.calls += 1
+        return self.inner.detect(frame_bgr)
+
+
+def settings_for(cache: Path, batch_size: int = 5, **avatar: Any) -> Settings:
+    opts = {"cache_dir": cache, "demo_seconds": SECONDS, "fps": FPS, **avatar}
+    return Settings(avatar=opts, render={"batch_size": batch_size})
+
+
+def hand_landmarks(y29: float = 150.0, chin: float = 220.0, x_min: float = 100.0) -> np.ndarray:
+    """A face-like point set: x from x_min to x_min + 100, y from 90 to the chin."""
+    lm = np.zeros((68, 2), np.float32)
+    lm[:, 0] = np.linspace(x_min, x_min + 100, 68)
+    lm[:, 1] = np.linspace(90, chin - 10, 68)
+    lm[8] = (x_min + 50, chin)
+    lm[29] = (x_min + 50, y29)
+    return lm
+
+
+# --- the upstream box rule (get_landmark_and_bbox + v1.5 margin) -------------------
+
+def test_box_from_landmarks() -> None:
+    box, fallback = face_box(hand_landmarks(), (1.0, 2.0, 3.0, 4.0))
+    # y1 = 2 * 150 - 220 = 80; x from the extremes; y2 the chin.
+    assert box == (100, 80, 200, 220) and not fallback
+
+
+def test_bbox_shift_moves_the_top_by_twice_the_shift() -> None:
+    base, _ = face_box(hand_landmarks(), (0, 0, 1, 1))
+    for shift in (-7, 5):
+        box, _ = face_box(hand_landmarks(), (0, 0, 1, 1), bbox_shift=shift)
+        assert box[1] - base[1] == 2 * shift and (box[0], box[2], box[3]) == (base[0], base[2], base[3])
+
+
+def test_bbox_shift_moves_point_29_itself() -> None:
+    # Shifting 29 below the chin makes it the lowest point (upstream's in-place view):
+    # centre 300 = max -> y1 = y2 = 300 -> empty box -> detector box.
+    box, fallback = face_box(hand_landmarks(), (10.5, 20.9, 300.2, 310.0), bbox_shift=150)
+    assert fallback and box == (10, 20, 300, 310)
+
+
+def test_top_is_clamped_at_zero() -> None:
+    box, fallback = face_box(hand_landmarks(y29=100, chin=260), (0, 0, 1, 1))
+    assert box == (100, 0, 200, 260) and not fallback  # 2 * 100 - 260 < 0
+
+
+def test_negative_x1_uses_the_clipped_detector_box() -> None:
+    box, fallback = face_box(hand_landmarks(x_min=-5.0), (-3.7, 12.2, 99.9, 240.5))
+    assert fallback and box == (0, 12, 99, 240)
+
+
+def test_landmarks_are_truncated_to_int32() -> None:
+    lm = hand_landmarks(y29=150.9, chin=220.7, x_min=99.8)
+    box, _ = face_box(lm, (0, 0, 1, 1))
+    assert box == (99, 2 * 150 - 220, 199, 220)
+    # -0.6 truncates to 0, which is not negative: no fallback.
+    box, fallback = face_box(hand_landmarks(x_min=-0.6), (5, 5, 9, 9))
+    assert box[0] == 0 and not fallback
+
+
+def test_extra_margin_is_clamped_at_the_frame_height() -> None:
+    assert with_margin((1, 2, 3, 100), 10, 480) == (1, 2, 3, 110)
+    assert with_margin((1, 2, 3, 475), 10, 480) == (1, 2, 3, 480)
+
+
+# --- end to end on the demo avatar ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CountingDetector, Any]:
+    cache = tmp_path_factory.mktemp("avatars")
+    detector = CountingDetector()
+    avatar = prepare_avatar(settings_for(cache), detector=detector, progress=False)
+    return cache, detector, avatar
+
+
+def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetector, Any]) -> None:
+    cache, detector, avatar = demo_cache
+    n = round(SECONDS * FPS)
+    assert detector.calls == n and len(avatar) == n
+    folder = cache / "demo"
+    names = {"frames.npy", "crops.npy", "arrays.safetensors", "masks.safetensors", "manifest.json"}
+    assert names <= {p.name for p in folder.iterdir()}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["avatar_id"] == "demo"
+    assert (manifest["fps"], manifest["num_frames"], manifest["frame_size"]) == (FPS, n, [512, 512])
+    assert manifest["source"]["kind"] == "demo" and len(manifest["source"]["sha256"]) == 64
+    assert manifest["vae_id"] is None and manifest["has_latents"] is False
+    params = manifest["params"]
+    assert params["bbox_shift"] == 0 and params["extra_margin"] == 10 and params["mask_source"] == "landmarks"
+    assert (params["expand"], params["blur_ratio"], params["landmark_backend"]) == (1.5, 0.1, "mediapipe")
+    assert manifest["versions"]["mediapipe"] and manifest["faceless_frames"] == []
+
+    frames = demo_frames(SECONDS, FPS)
+    np.testing.assert_array_equal(avatar.frames, frames)
+    for i in (0, n - 1):
+        x1, y1, x2, y2 = avatar.boxes[i]
+        assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
+        lm = avatar.landmarks[i]
+        assert y2 == int(lm[:, 1].max()) + 10 and x1 == int(lm[:, 0].min())  # chin + extra_margin
+        expected = cv2.resize(frames[i][y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+        np.testing.assert_array_equal(avatar.crops[i], expected)
+        cx1, cy1, cx2, cy2 = avatar.crop_boxes[i]
+        assert cx2 - cx1 == cy2 - cy1 == avatar.masks[i].shape[0] == avatar.masks[i].shape[1]
+        assert avatar.masks[i].max() == 255 and not avatar.masks[i][: (cy2 - cy1) // 2 - 20].any()
+    assert avatar.latents is None
+
+
+def test_reload_equals_saved_and_is_fast(demo_cache: tuple[Path, CountingDetector, Any]) -> None:
+    cache, _, avatar = demo_cache
+    t0 = time.perf_counter()
+    loaded = load_avatar("demo", cache)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0
+    assert isinstance(loaded.frames, np.memmap) and not loaded.frames.flags.writeable
+    eager = load_avatar("demo", cache, mmap=False)
+    for a in (loaded, eager):
+        for name in ("frames", "boxes", "landmarks", "crops", "crop_boxes"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(avatar, name))
+        assert len(a.masks) == len(avatar.masks)
+        assert all(np.array_equal(m, k) for m, k in zip(a.masks, avatar.masks))
+        assert a.manifest == avatar.manifest and a.fps == FPS
+
+
+def test_second_run_is_a_no_op_and_force_redoes(demo_cache: tuple[Path, CountingDetector, Any]) -> None:
+    cache, _, avatar = demo_cache
+    detector = CountingDetector()
+    again = prepare_avatar(settings_for(cache), detector=detector, progress=False)
+    assert detector.calls == 0
+    np.testing.assert_array_equal(again.boxes, avatar.boxes)
+    forced = prepare_avatar(settings_for(cache), detector=detector, force=True, progress=False)
+    assert detector.calls == len(avatar)
+    np.testing.assert_array_equal(forced.frames, avatar.frames)
+
+
+def test_changed_bbox_shift_redoes_prep(tmp_path: Path) -> None:
+    base = prepare_avatar(settings_for(tmp_path), progress=False)
+    detector = CountingDetector()  # a fresh one: a video detector carries its tracking state
+    shifted = prepare_avatar(settings_for(tmp_path, bbox_shift=-4), detector=detector, progress=False)
+    assert detector.calls == len(base)
+    assert shifted.manifest["params"]["bbox_shift"] == -4
+    # Same landmarks: the top edge moves up by 2 x 4 px, the rest stays.
+    np.testing.assert_array_equal(shifted.boxes[:, 1], base.boxes[:, 1] - 8)
+    np.testing.assert_array_equal(shifted.boxes[:, [0, 2, 3]], base.boxes[:, [0, 2, 3]])
+
+
+def test_no_face_raises_face_not_found(tmp_path: Path) -> None:
+    image = tmp_path / "wall.png"
+    rng = np.random.default_rng(3)
+    cv2.imwrite(str(image), cv2.GaussianBlur(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), (9, 9), 3))
+    with pytest.raises(FaceNotFound) as err:
+        prepare_avatar(settings_for(tmp_path / "c", video_path=image), progress=False)
+    assert "wall.png" in err.value.message and str(tmp_path) not in str(err.value)
+    assert not (tmp_path / "c" / "demo" / "manifest.json").exists()
+
+
+def test_still_image_source(tmp_path: Path, face_bgr: np.ndarray) -> None:
+    image = tmp_path / "portrait.png"
+    cv2.imwrite(str(image), face_bgr)
+    avatar = prepare_avatar(settings_for(tmp_path / "c", video_path=image, avatar_id="still"), progress=False)
+    assert len(avatar) == 1 and avatar.manifest["source"]["kind"] == "image"
+    np.testing.assert_array_equal(avatar.frames[0], face_bgr)
+    x1, y1, x2, y2 = avatar.boxes[0]
+    assert 170 < x1 < 190 and 250 < x2 < 280 and y2 > 170  # around the face of the portrait
+
+
+def test_video_file_source(tmp_path: Path) -> None:
+    frames = demo_frames(SECONDS, FPS)
+    frames[5:7] = 128  # two frames without a face (a cut to grey)
+    video = tmp_path / "avatar.mp4"
+    with av.open(str(video), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
+        stream.options = {"crf": "12"}
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")))
+        out.mux(stream.encode())
+    avatar = prepare_avatar(settings_for(tmp_path / "c", video_path=video, avatar_id="vid"), progress=False)
+    assert len(avatar) == len(frames) and avatar.manifest["source"]["kind"] == "video"
+    assert avatar.manifest["source"]["name"] == "avatar.mp4"
+    assert np.abs(avatar.frames.astype(np.int16) - frames).mean() < 4  # lossy, same pictures
+    # Faceless frames reuse the nearest frame's box and landmarks, and the manifest says so.
+    assert avatar.manifest["faceless_frames"] == [5, 6]
+    np.testing.assert_array_equal(avatar.boxes[5], avatar.boxes[4])
+    np.testing.assert_array_equal(avatar.boxes[6], avatar.boxes[7])
+    np.testing.assert_array_equal(avatar.landmarks[6], avatar.landmarks[7])
+    demo = prepare_avatar(settings_for(tmp_path / "d"), progress=False)
+    faces = [i for i in range(len(frames)) if i not in (5, 6)]
+    assert np.abs(avatar.boxes[faces] - demo.boxes[faces]).max() <= 3
+    capped = prepare_avatar(settings_for(tmp_path / "c", video_path=video, avatar_id="vid", max_frames=5),
+                            progress=False)
+    assert len(capped) == 5
+
+
+def test_latents_are_the_encoder_of_the_crops(tmp_path: Path) -> None:
+    from musetalk_warm.models import encode_latents, tiny_models
+
+    models = tiny_models(seed=0)
+    encoder = partial(encode_latents, models)
+    detector = CountingDetector()
+    settings = settings_for(tmp_path, batch_size=2, max_frames=3)
+    lite = prepare_avatar(settings, detector=detector, progress=False)
+    assert lite.latents is None and detector.calls == 3
+    # Weights installed later: only the latents are computed, no detection.
+    avatar = prepare_avatar(settings, encoder=encoder, vae_id=models.vae_id, detector=detector, progress=False)
+    assert detector.calls == 3
+    assert avatar.latents is not None and avatar.latents.shape == (3, 8, 32, 32)
+    assert avatar.latents.dtype == np.float32
+    # Batches of render.batch_size (2 + 1), each exactly the encoder's output.
+    expected = np.concatenate([encode_latents(models, avatar.crops[i : i + 2]) for i in (0, 2)])
+    np.testing.assert_array_equal(avatar.latents, expected)
+    assert np.abs(expected).mean() > 0.01  # a real VAE output, not zeros
+    assert avatar.manifest["vae_id"] == models.vae_id and avatar.manifest["has_latents"]
+    np.testing.assert_array_equal(avatar.boxes, lite.boxes)
+    # The lite renderer reuses the cache as it is, latents included.
+    again = prepare_avatar(settings, detector=detector, progress=False)
+    assert detector.calls == 3 and again.latents is not None
+
+
+def test_encoder_needs_a_vae_id(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="vae_id"):
+        prepare_avatar(settings_for(tmp_path), encoder=lambda crops: crops, progress=False)
+
+
+# --- cache errors ----------------------------------------------------------------------
+
+def test_missing_cache_says_how_to_prepare(tmp_path: Path) -> None:
+    with pytest.raises(AvatarCacheError) as err:
+        load_avatar("bank_avatar_1", tmp_path)
+    text = str(err.value)
+    assert "python -m scripts.force_prep --avatar-id bank_avatar_1" in text and str(tmp_path) not in text
+
+
+def test_unreadable_or_half_written_cache(demo_cache: tuple[Path, CountingDetector, Any], tmp_path: Path) -> None:
+    _, _, avatar = demo_cache
+    save_avatar(avatar, tmp_path)
+    manifest = tmp_path / "demo" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(AvatarCacheError, match="format"):
+        load_avatar("demo", tmp_path)
+    manifest.write_text("{not json")
+    with pytest.raises(AvatarCacheError):
+        load_avatar("demo", tmp_path)
+    manifest.write_text(json.dumps(data))
+    (tmp_path / "demo" / "masks.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(AvatarCacheError, match="damaged"):
+        load_avatar("demo", tmp_path)
+    manifest.unlink()  # a save interrupted before its manifest
+    with pytest.raises(AvatarCacheError, match="not been prepared"):
+        load_avatar("demo", tmp_path)
+
+
+def test_load_or_prepare_never_detects_without_preparation(tmp_path: Path, face_bgr: np.ndarray) -> None:
+    image = tmp_path / "portrait.png"
+    cv2.imwrite(str(image), face_bgr)
+    detector = CountingDetector()
+    settings = settings_for(tmp_path / "c", video_path=image, avatar_id="p")
+    with pytest.raises(AvatarCacheError):
+        load_or_prepare(settings, detector=detector, progress=False)
+    assert detector.calls == 0
+    prepared = settings_for(tmp_path / "c", video_path=image, avatar_id="p", preparation=True)
+    assert len(load_or_prepare(prepared, detector=detector, progress=False)) == 1
+    assert len(load_or_prepare(settings, detector=detector, progress=False)) == 1
+    assert detector.calls == 1
+
+
+def test_force_prep_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.force_prep import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"avatar:\n  cache_dir: {tmp_path / 'avatars'}\n  demo_seconds: 0.5\n  fps: 8\n")
+    assert main(["--config", str(config), "--avatar-id", "cli", "--renderer", "lite"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["avatar_id"] == "cli" and summary["frames"] == 4 and summary["latents"] is False
+    assert summary["cache"].endswith("cli") and (tmp_path / "avatars" / "cli" / "manifest.json").is_file()
+    assert main(["--config", str(config), "--video-path", str(tmp_path / "nope.mp4")]) == 2
+    assert "nope.mp4" in capsys.readouterr().err
+
+
+def test_bisenet_masks_when_its_checkpoint_exists(tmp_path: Path) -> None:
+    import torch
+    from PIL import Image
+
+    from musetalk_warm.masks import blend_mask
+    from musetalk_warm.parsing import BiSeNet, FaceParser
+
+    folder = tmp_path / "models" / "face-parse-bisent"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(BiSeNet().state_dict(), folder / "79999_iter.pth")  # seeded, untrained
+    settings = Settings(
+        models={"models_dir": tmp_path / "models", "device": "cpu"},
+        avatar={"cache_dir": tmp_path / "c", "demo_seconds": SECONDS, "fps": FPS, "max_frames": 2},
+    )
+    avatar = prepare_avatar(settings, progress=False)
+    assert avatar.manifest["params"]["mask_source"] == "parsing"
+    assert avatar.manifest["params"]["parsing_mode"] == "jaw"
+    parser = FaceParser(tmp_path / "models", "cpu")
+    for i in range(2):
+        box = tuple(int(v) for v in avatar.boxes[i])
+        body = Image.fromarray(np.ascontiguousarray(avatar.frames[i][:, :, ::-1]))
+        segment = parser.segment(body.crop(tuple(int(v) for v in avatar.crop_boxes[i])), "jaw")
+        mask, _ = blend_mask(avatar.frames.shape[1:], box, segment)
+        np.testing.assert_array_equal(avatar.masks[i], mask)
+
+
+def test_parsing_without_its_checkpoint_names_the_file(tmp_path: Path) -> None:
+    from musetalk_warm.errors import WeightsMissing
+
+    settings = Settings(
+        models={"models_dir": tmp_path / "models", "device": "cpu"},
+        avatar={"cache_dir": tmp_path / "c", "demo_seconds": SECONDS, "fps": FPS, "max_frames": 1,
+                "mask_source": "parsing"},
+    )
+    with pytest.raises(WeightsMissing, match="79999_iter.pth"):
+        prepare_avatar(settings, progress=False)
