@@ -312,6 +312,36 @@ def _assemble(
     )
 
 
+def random_models(
+    unet_config: dict,
+    vae_config: dict,
+    whisper_config: dict,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    *,
+    dtype: torch.dtype = torch.float32,
+    latent_sampling: LatentSampling = "mode",
+    name: str = "random",
+) -> Models:
+    """Randomly initialised models of the given architectures (seeded; global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        whisper = WhisperEncoder(WhisperConfig(**whisper_config))
+    return _assemble(
+        unet,
+        vae,
+        whisper,
+        WhisperFeatureExtractor(),
+        device,
+        dtype,
+        model_id=f"{name}:seed{seed}",
+        vae_id=f"{name}-vae:seed{seed}",
+        latent_sampling=latent_sampling,
+    )
+
+
 def tiny_models(
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -323,21 +353,9 @@ def tiny_models(
 
     The same seed gives identical weights; the global torch RNG is left untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_TINY_UNET)
-        vae = AutoencoderKL(**_TINY_VAE)
-        whisper = WhisperEncoder(WhisperConfig(**_TINY_WHISPER))
-    return _assemble(
-        unet,
-        vae,
-        whisper,
-        WhisperFeatureExtractor(),
-        device,
-        dtype,
-        model_id=f"tiny:seed{seed}",
-        vae_id=f"tiny-vae:seed{seed}",
-        latent_sampling=latent_sampling,
+    return random_models(
+        _TINY_UNET, _TINY_VAE, _TINY_WHISPER, seed, device,
+        dtype=dtype, latent_sampling=latent_sampling, name="tiny",
     )
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+
+if TYPE_CHECKING:
+    from musetalk_warm.config import Settings
 
 SPEECH_TEXT = "Hello there. This is a short test of the talking head, with a pause, and then more words."
 
@@ -42,3 +46,25 @@ def face_bgr() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut()[:, :, ::-1])
+
+
+def make_settings(root: Path, **sections: dict) -> "Settings":
+    """Settings rooted in ``root`` (caches, sessions) with a short demo avatar, plus overrides."""
+    from musetalk_warm.config import load_settings
+
+    base: dict[str, dict] = {
+        "avatar": {"cache_dir": str(root / "avatars"), "demo_seconds": 1.2},
+        "server": {"sessions_dir": str(root / "sessions")},
+        "models": {"models_dir": str(root / "models"), "renderer": "lite"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return load_settings(None, base)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Seeded random-init MuseTalk-shaped models (UNet, VAE, Whisper) on CPU."""
+    from musetalk_warm.models import tiny_models as build
+
+    return build(seed=0)

@@ -1,0 +1,80 @@
+"""POST /speak: text (JSON) or an audio upload (multipart) → the session's next clip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from ...errors import AudioError, BadInput
+from ..deps import AuthDep, WarmDep
+from ..schemas import ErrorResponse, SpeakRequest, SpeakResponse
+from ..speaking import SessionURLs, Utterance, speak
+
+router = APIRouter(tags=["speak"], dependencies=[AuthDep])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 502, 503)
+}
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "audio": {"type": "string", "format": "binary", "description": "wav, mp3, ogg, webm, m4a, any rate"},
+        "text": {"type": "string", "description": "used when no audio file is sent"},
+        "avatar_id": {"type": "string"},
+        "session_id": {"type": "string"},
+    },
+}
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SpeakRequest.model_json_schema()},
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        },
+    }
+}
+
+
+async def _from_multipart(request: Request) -> Utterance:
+    form = await request.form(max_files=1, max_fields=8)
+    fields: dict[str, str | None] = {}
+    for key in ("text", "avatar_id", "session_id"):
+        value = form.get(key)
+        fields[key] = value if isinstance(value, str) and value.strip() else None
+    upload = form.get("audio") or form.get("file")
+    if isinstance(upload, UploadFile):
+        data = await upload.read()
+        if not data:
+            raise AudioError("the uploaded audio file is empty")
+        return Utterance(None, data, fields["avatar_id"], fields["session_id"])
+    if fields["text"] is None:
+        raise BadInput("send an audio file in the 'audio' field or a 'text' field")
+    return Utterance(fields["text"], None, fields["avatar_id"], fields["session_id"])
+
+
+async def _from_json(request: Request) -> Utterance:
+    try:
+        body = SpeakRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+    return Utterance(body.text, None, body.avatar_id, body.session_id)
+
+
+@router.post(
+    "/speak",
+    response_model=SpeakResponse,
+    responses=_ERRORS,
+    openapi_extra=_OPENAPI_BODY,
+    summary="Say text (JSON) or an uploaded audio file (multipart) as the session's next clip",
+)
+async def speak_route(request: Request, warm: WarmDep) -> SpeakResponse:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        utterance = await _from_multipart(request)
+    else:
+        utterance = await _from_json(request)
+    return await speak(warm, utterance, SessionURLs(request.app.url_path_for))

@@ -1,0 +1,98 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpeakRequest(_Body):
+    """Text for the avatar to say (JSON body of ``POST /speak``)."""
+
+    text: str = Field(description="what to say; spoken by the configured TTS engine")
+    avatar_id: str | None = Field(None, description="a loaded avatar; default: the session's or the configured one")
+    session_id: str | None = Field(None, description="an existing session; default: the default session")
+
+
+class SpeakResponse(BaseModel):
+    """A clip appended to a session."""
+
+    status: Literal["success"] = "success"
+    message: str
+    session_id: str
+    clip_index: int = Field(description="1-based number of this clip in its session")
+    clip_url: str
+    session_video_url: str
+    video_path: str = Field(description="the session video's URL (compatibility with the original server)")
+    download_url: str
+    duration: float = Field(description="clip duration in seconds (padded to the clip quantum)")
+    frames: int
+    start_frame: int = Field(description="avatar cycle position of the clip's first frame")
+    next_frame: int = Field(description="avatar cycle position the next clip starts at")
+    session_duration: float
+    session_clips: int
+    timings: dict[str, float] = Field(
+        description="seconds per stage: tts, audio, features, render, encode, write, append, total"
+    )
+
+
+class ResetRequest(_Body):
+    session_id: str | None = Field(None, description="session to reset; default: the default session")
+
+
+class SessionInfo(BaseModel):
+    """A session's committed state."""
+
+    session_id: str
+    avatar_id: str | None
+    clips: int
+    frames: int
+    duration: float
+    next_frame: int
+    session_video_url: str
+    download_url: str
+
+
+class ResetResponse(SessionInfo):
+    status: Literal["success"] = "success"
+    message: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    ready: bool
+    renderer: str | None = None
+    device: str | None = None
+    avatars: list[str] = []
+    default_avatar: str
+    tts: str | None = None
+    load_seconds: float | None = None
+    error: dict[str, str] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    hint: str | None = None
+    request_id: str | None = None
+
+
+class ChatRequest(_Body):
+    text: str = Field(description="the user's message; the reply is spoken by the avatar")
+    session_id: str | None = None
+    avatar_id: str | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "error"]
+    prompt: str
+    reply: str | None = None
+    video_url: str | None = None
+    result: SpeakResponse | None = None
+    error: ErrorResponse | None = None

@@ -1,0 +1,350 @@
+"""Conversation sessions on disk: clips, the growing session video, continuity state.
+
+Layout of ``<sessions_dir>/<session_id>/``::
+
+    state.json          next avatar frame, clip count, duration, AAC audio tail (atomic)
+    full_session.mp4    fragmented MP4, appended in place (+ its index, see fmp4.py)
+    clips/clip_0001.mp4 each clip as a plain +faststart MP4
+    full_conversation.mp4  plain export for download, made on demand and cached
+
+A clip is committed by the session video's index (fmp4.py). ``state.json`` is
+written just before the append and keeps the state it replaces under
+``previous``: if the append fails, or the process dies before it lands, the
+video has one clip fewer than the state and the state is rolled back to
+``previous`` (at once, or when the session is next opened). A failed speak
+therefore leaves the video, index and state as they were.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import Settings, safe_name
+from .errors import BadInput, MediaError, NotFound
+from .fmp4 import SessionVideo
+from .media import write_clip_mp4
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from .runtime import Runtime
+
+STATE_FILE = "state.json"
+VIDEO_FILE = "full_session.mp4"
+EXPORT_FILE = "full_conversation.mp4"
+CLIPS_DIR = "clips"
+_STATE_VERSION = 1
+_TRASH_PREFIX = ".trash-"
+
+
+@dataclass
+class SessionState:
+    """What a session needs to continue: where the avatar is and what was said so far."""
+
+    session_id: str
+    avatar_id: str | None = None
+    next_frame: int = 0
+    clips: int = 0
+    frames: int = 0
+    duration_s: float = 0.0
+    audio_tail: np.ndarray | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    previous: SessionState | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["previous"] = None if self.previous is None else self.previous.to_json()
+        tail = self.audio_tail
+        # float32 little-endian bytes in base64: exact, compact, no pickle.
+        data["audio_tail"] = None if tail is None else base64.b64encode(
+            np.asarray(tail, dtype="<f4").tobytes()
+        ).decode("ascii")
+        data["version"] = _STATE_VERSION
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SessionState:
+        data = dict(data)
+        data.pop("version", None)
+        tail = data.pop("audio_tail", None)
+        previous = data.pop("previous", None)
+        state = cls(**data, previous=None if previous is None else cls.from_json(previous))
+        if tail is not None:
+            state.audio_tail = np.frombuffer(base64.b64decode(tail), dtype="<f4").astype(np.float32)
+        return state
+
+
+@dataclass(frozen=True)
+class SpeakResult:
+    """One clip added to a session."""
+
+    session_id: str
+    clip_index: int
+    clip_path: Path
+    video_path: Path
+    frames: int
+    duration_s: float
+    start_frame: int
+    state: SessionState
+    timings: dict[str, float]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a unique temp file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_session_id(session_id: str) -> str:
+    """``session_id`` if it is a safe folder name, else BadInput."""
+    try:
+        return safe_name(session_id, "session_id")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+class SessionStore:
+    """All sessions under ``settings.server.sessions_dir``; thread-safe.
+
+    Calls on one session are serialised by a per-session lock; different
+    sessions proceed in parallel. Callers that need arrival order (the server)
+    queue requests before they reach the store.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = Path(settings.server.sessions_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._videos: dict[str, SessionVideo] = {}
+        self._empty_trash()
+
+    # -- paths and locking -------------------------------------------------
+    def path(self, session_id: str) -> Path:
+        """The folder of a session (which may not exist yet)."""
+        return self.root / check_session_id(session_id)
+
+    def video_path(self, session_id: str) -> Path:
+        return self.path(session_id) / VIDEO_FILE
+
+    def clip_path(self, session_id: str, index: int) -> Path:
+        """The file of clip ``index`` (1-based); NotFound when absent."""
+        path = self.path(session_id) / CLIPS_DIR / f"clip_{index:04d}.mp4"
+        if index < 1 or not path.is_file():
+            raise NotFound(f"session {session_id!r} has no clip {index}")
+        return path
+
+    @contextmanager
+    def lock(self, session_id: str) -> Iterator[None]:
+        """Hold the session's lock (re-entrant)."""
+        check_session_id(session_id)
+        with self._locks_guard:
+            lock = self._locks.setdefault(session_id, threading.RLock())
+        with lock:
+            yield
+
+    # -- state ---------------------------------------------------------------
+    def exists(self, session_id: str) -> bool:
+        return (self.path(session_id) / STATE_FILE).is_file()
+
+    def require(self, session_id: str) -> None:
+        """NotFound unless the session exists; never waits for the session's lock."""
+        if not self.exists(session_id):
+            self._read_state(session_id)
+
+    def state(self, session_id: str) -> SessionState:
+        """The committed state of a session; NotFound when it does not exist."""
+        with self.lock(session_id):
+            state = self._read_state(session_id)
+            self._video(session_id, state)  # rolls back a state the video never got
+            return self._read_state(session_id)
+
+    def _read_state(self, session_id: str) -> SessionState:
+        path = self.path(session_id) / STATE_FILE
+        try:
+            return SessionState.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise NotFound(
+                f"session {session_id!r} does not exist",
+                hint="omit session_id for the default session, or POST /reset with it to start one",
+            ) from None
+
+    def create(self, session_id: str) -> SessionState:
+        """Start an empty session (no-op when it exists)."""
+        with self.lock(session_id):
+            if self.exists(session_id):
+                return self.state(session_id)
+            folder = self.path(session_id)
+            (folder / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
+            state = SessionState(session_id)
+            self._write_state(folder, state)
+            return state
+
+    def _write_state(self, folder: Path, state: SessionState) -> None:
+        _write_atomic(folder / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
+
+    def _video(self, session_id: str, state: SessionState) -> SessionVideo:
+        """The open session video, recovered and reconciled with the state on first use."""
+        video = self._videos.get(session_id)
+        if video is None:
+            video = SessionVideo(self.video_path(session_id))
+            if video.clip_count == state.clips - 1 and state.previous is not None:
+                # The process stopped between writing the state and appending the clip.
+                assert state.previous is not None
+                self._rollback(session_id, state.clips, state.previous)
+            elif video.clip_count != state.clips:
+                raise MediaError(
+                    f"session {session_id!r} is inconsistent: its video holds {video.clip_count} clips, "
+                    f"its state {state.clips}",
+                    hint="reset the session (the old one is kept as an archive)",
+                )
+            self._videos[session_id] = video
+        return video
+
+    def _rollback(self, session_id: str, clip_index: int, restore: SessionState) -> None:
+        """Drop clip ``clip_index``'s file and put ``restore`` back as the state."""
+        folder = self.path(session_id)
+        (folder / CLIPS_DIR / f"clip_{clip_index:04d}.mp4").unlink(missing_ok=True)
+        self._write_state(folder, restore)
+
+    # -- the work ------------------------------------------------------------
+    def speak(
+        self,
+        session_id: str,
+        audio16k: np.ndarray,
+        avatar_id: str | None,
+        runtime: Runtime,
+        *,
+        out_audio: np.ndarray | None = None,
+        create: bool = True,
+    ) -> SpeakResult:
+        """Render speech as the session's next clip and append it, all or nothing.
+
+        ``avatar_id`` None means the session's avatar (or the runtime's default
+        for a new session). Raises NotFound for an unknown session when
+        ``create`` is False, BadInput when the avatar differs from the one the
+        session started with (its frames would not stream-copy together).
+        """
+        with self.lock(session_id):
+            if create:
+                self.create(session_id)
+            state = self.state(session_id)
+            folder = self.path(session_id)
+            avatar = runtime.avatar(avatar_id or state.avatar_id).avatar_id
+            if state.avatar_id not in (None, avatar):
+                raise BadInput(
+                    f"session {session_id!r} speaks with avatar {state.avatar_id!r}, not {avatar!r}",
+                    hint="use another session_id or reset this session to change avatar",
+                )
+            video = self._video(session_id, state)
+            rendered = runtime.render_clip(
+                audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail
+            )
+            timings = dict(rendered.timings)
+            index = state.clips + 1
+            clip_path = folder / CLIPS_DIR / f"clip_{index:04d}.mp4"
+            t0 = time.perf_counter()
+            write_clip_mp4(rendered.clip, clip_path)
+            timings["write"] = time.perf_counter() - t0
+            new_state = SessionState(
+                session_id=session_id,
+                avatar_id=avatar,
+                next_frame=rendered.end_frame,
+                clips=index,
+                frames=state.frames + rendered.frames,
+                duration_s=state.duration_s + rendered.duration_s,
+                audio_tail=rendered.audio_tail,
+                created=state.created,
+                previous=replace(state, previous=None),  # one level of history is enough
+            )
+            t0 = time.perf_counter()
+            try:
+                self._write_state(folder, new_state)
+                video.append(rendered.clip)
+            except BaseException:
+                # Reopened on next use, so the video's crash recovery runs too.
+                self._videos.pop(session_id, None)
+                self._rollback(session_id, index, state)
+                raise
+            timings["append"] = time.perf_counter() - t0
+            return SpeakResult(
+                session_id=session_id,
+                clip_index=index,
+                clip_path=clip_path,
+                video_path=video.path,
+                frames=rendered.frames,
+                duration_s=rendered.duration_s,
+                start_frame=state.next_frame,
+                state=new_state,
+                timings={k: round(v, 4) for k, v in timings.items()},
+            )
+
+    def export(self, session_id: str) -> Path:
+        """A plain +faststart MP4 of the whole session (stream copy, cached until the next clip)."""
+        with self.lock(session_id):
+            state = self.state(session_id)
+            if state.clips == 0:
+                raise NotFound(f"session {session_id!r} has no clips yet", hint="POST /speak first")
+            video = self._video(session_id, state)
+            return video.export_plain(self.path(session_id) / EXPORT_FILE)
+
+    def reset(self, session_id: str) -> SessionState:
+        """Replace the session with an empty one; the old folder is archived or deleted per config.
+
+        The old folder is moved away with one rename first, so it is never seen
+        half-deleted; an archive keeps it as ``<id>.<UTC timestamp>``.
+        """
+        with self.lock(session_id):
+            folder = self.path(session_id)
+            self._videos.pop(session_id, None)
+            if folder.exists():
+                if self.settings.server.reset_policy == "archive":
+                    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                    os.rename(folder, self._free_name(f"{session_id}.{stamp}"))
+                else:
+                    trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
+                    os.rename(folder, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+            return self.create(session_id)
+
+    def _free_name(self, name: str) -> Path:
+        candidate, n = self.root / name, 1
+        while candidate.exists():
+            n += 1
+            candidate = self.root / f"{name}.{n}"
+        return candidate
+
+    def _empty_trash(self) -> None:
+        """Finish deletions a crash interrupted."""
+        for trash in self.root.glob(f"{_TRASH_PREFIX}*"):
+            shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,163 @@
+"""Text to speech, loaded once: espeak-ng (default, offline) or an OpenAI-compatible endpoint.
+
+Engines return ``(samples, rate)``: mono float32 in [-1, 1] at the engine's own
+rate; the caller resamples to whatever the renderer needs.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from typing import Protocol, runtime_checkable
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+from .config import TTSSettings
+from .errors import ConfigError, DependencyMissing, TextError, TTSError
+
+# Below this peak the engine produced silence, which would render a still mouth.
+_SILENCE_PEAK = 1e-3
+
+
+@runtime_checkable
+class TTS(Protocol):
+    """A speech engine: text in, mono float32 samples and their rate out."""
+
+    name: str
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Speech for ``text`` as ``(float32 [n], sample rate)``; raises TTSError."""
+        ...
+
+
+def _check_text(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise TextError("text to speak is empty")
+    return text
+
+
+def _decode_wav(data: bytes, engine: str) -> tuple[np.ndarray, int]:
+    """Decode engine output (wav or any libsndfile format) and check it holds speech."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise TTSError(f"{engine} returned audio that cannot be decoded ({exc})") from exc
+    mono = np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32)
+    if mono.size == 0 or rate <= 0:
+        raise TTSError(f"{engine} returned no audio")
+    if not np.isfinite(mono).all():
+        raise TTSError(f"{engine} returned invalid samples (NaN or infinity)")
+    if float(np.abs(mono).max()) < _SILENCE_PEAK:
+        raise TTSError(f"{engine} returned silence")
+    return mono, int(rate)
+
+
+class EspeakTTS:
+    """The offline espeak-ng synthesiser; binary and voice are checked once, here.
+
+    Synthesis writes the wav to stdout (no temporary files), so concurrent
+    requests never share a file name.
+    """
+
+    name = "espeak-ng"
+
+    def __init__(
+        self,
+        voice: str = "en-us",
+        speed_wpm: int = 165,
+        *,
+        executable: str = "espeak-ng",
+        timeout_s: float = 60.0,
+    ) -> None:
+        resolved = shutil.which(executable)
+        if resolved is None:
+            raise DependencyMissing(
+                "espeak-ng is not installed", hint="apt-get install espeak-ng, or set tts.engine"
+            )
+        self._exe = resolved
+        self.voice = voice
+        self.speed_wpm = speed_wpm
+        self._timeout_s = timeout_s
+        # A first synthesis proves the voice exists and warms espeak's data files.
+        try:
+            self.synthesize("ready")
+        except TTSError as exc:
+            raise TTSError(
+                f"espeak-ng cannot speak with voice {voice!r}: {exc.message}",
+                hint="list voices with `espeak-ng --voices`",
+            ) from exc
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Speak ``text``; raises TextError when empty, TTSError when espeak fails."""
+        text = _check_text(text)
+        # "--" ends options, so text starting with "-" is spoken, not parsed.
+        cmd = [self._exe, "-v", self.voice, "-s", str(self.speed_wpm), "--stdout", "--", text]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=self._timeout_s, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise TTSError(f"espeak-ng took longer than {self._timeout_s:.0f} s") from exc
+        except OSError as exc:
+            raise TTSError(f"espeak-ng could not be started ({exc.strerror})") from exc
+        stderr = proc.stderr.decode(errors="replace").strip()
+        if proc.returncode != 0 or not proc.stdout:
+            reason = stderr.splitlines()[-1] if stderr else f"exit code {proc.returncode}"
+            raise TTSError(f"espeak-ng failed: {reason}")
+        return _decode_wav(proc.stdout, "espeak-ng")
+
+
+class OpenAITTS:
+    """An OpenAI-compatible ``POST {url}/v1/audio/speech`` endpoint, asked for wav."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "tts-1",
+        voice: str = "alloy",
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base = url.rstrip("/")
+        # Accept the server root or its /v1 base, as OpenAI clients do.
+        self._endpoint = f"{base}/audio/speech" if base.endswith("/v1") else f"{base}/v1/audio/speech"
+        self.model = model
+        self.voice = voice
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Speak ``text`` via the endpoint; network, HTTP and decoding failures raise TTSError."""
+        text = _check_text(text)
+        body = {"model": self.model, "input": text, "voice": self.voice, "response_format": "wav"}
+        try:
+            response = self._client.post(self._endpoint, json=body)
+        except httpx.TimeoutException as exc:
+            raise TTSError("the speech endpoint timed out") from exc
+        except httpx.HTTPError as exc:
+            raise TTSError(f"the speech endpoint cannot be reached ({type(exc).__name__})") from exc
+        if response.status_code != 200:
+            raise TTSError(f"the speech endpoint answered HTTP {response.status_code}")
+        return _decode_wav(response.content, "the speech endpoint")
+
+    def close(self) -> None:
+        """Release the HTTP connection pool."""
+        self._client.close()
+
+
+def load_tts(settings: TTSSettings, *, api_key: str | None = None) -> TTS:
+    """The engine named by ``settings.engine``, ready to speak (built once at startup)."""
+    if settings.engine == "openai":
+        if not settings.openai_url:
+            raise ConfigError(
+                "tts.engine is 'openai' but tts.openai_url is not set",
+                hint="set tts.openai_url or use tts.engine=espeak",
+            )
+        return OpenAITTS(settings.openai_url, settings.openai_model, settings.openai_voice, api_key=api_key)
+    return EspeakTTS(settings.voice, settings.speed_wpm)

@@ -1,0 +1,187 @@
+"""Benchmark the warm server → results/bench_server.json.
+
+1. /speak latency over HTTP against a real uvicorn server (p50/p95, split by stage).
+2. Session-video append time at session lengths of 1, 10 and 60 minutes: one
+   encoded clip is appended over and over through the session video class, so
+   long sessions are built in seconds; then appends to the three sessions are
+   timed in turn.
+
+    python -m scripts.bench_server [--requests 12] [--renderer lite] [--out results/bench_server.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+from musetalk_warm.audio import resample
+from musetalk_warm.config import Settings, load_settings
+from musetalk_warm.fmp4 import SessionVideo
+from musetalk_warm.runtime import AUDIO_RATE, Runtime
+from musetalk_warm.server import create_app
+from musetalk_warm.tts import load_tts
+
+SENTENCES = [
+    "Hello, and welcome back.",
+    "The weather today is mild, with a light breeze from the west.",
+    "Yes.",
+    "I can repeat that if you like, slowly and clearly.",
+    "Our next appointment is on Tuesday at half past three in the afternoon.",
+    "Thank you for waiting.",
+]
+MARKS_MIN = (1, 10, 60)
+TIMED_ROUNDS = 15
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000, 2)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"p50_ms": _pct(values, 50), "p95_ms": _pct(values, 95), "mean_ms": round(statistics.fmean(values) * 1000, 2)}
+
+
+def _serve(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{url}/health")
+            if health.status_code == 200:
+                return server, thread, url
+            if health.json().get("status") == "error":
+                raise SystemExit(f"server failed to start: {health.json()['error']}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+def bench_speak(settings: Settings, requests: int) -> dict[str, Any]:
+    """/speak latency over HTTP; the first request is a warm-up and not counted."""
+    server, thread, url = _serve(settings)
+    walls: list[float] = []
+    stages: dict[str, list[float]] = {}
+    durations: list[float] = []
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            health = client.get("/health").json()
+            client.post("/reset", json={"session_id": "bench"}).raise_for_status()
+            for i in range(requests + 1):
+                t0 = time.perf_counter()
+                response = client.post("/speak", json={"text": SENTENCES[i % len(SENTENCES)], "session_id": "bench"})
+                wall = time.perf_counter() - t0
+                response.raise_for_status()
+                if i == 0:
+                    continue
+                body = response.json()
+                walls.append(wall)
+                durations.append(body["duration"])
+                for stage, seconds in body["timings"].items():
+                    stages.setdefault(stage, []).append(seconds)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+    return {
+        "renderer": health["renderer"],
+        "device": health["device"],
+        "requests": requests,
+        "clip_seconds_mean": round(statistics.fmean(durations), 3),
+        "http_latency": _summary(walls),
+        "realtime_factor_p50": round(float(np.percentile(walls, 50)) / statistics.fmean(durations), 3),
+        "stages": {stage: _summary(values) for stage, values in sorted(stages.items())},
+    }
+
+
+def bench_append(settings: Settings, workdir: Path, clip_seconds: float) -> dict[str, Any]:
+    """Append time of one clip at several session lengths (same encoded clip appended repeatedly)."""
+    runtime = Runtime.load(settings)
+    try:
+        voice, rate = load_tts(settings.tts).synthesize(" ".join(SENTENCES))
+        speech = resample(voice, rate, AUDIO_RATE)[: int(clip_seconds * AUDIO_RATE)]
+        clip = runtime.render_clip(speech, None, 0).clip
+    finally:
+        runtime.close()
+    # One session per mark, timed round-robin, so a drift in machine load hits every mark alike.
+    videos = {minutes: SessionVideo(workdir / f"session_{minutes}min.mp4") for minutes in MARKS_MIN}
+    for minutes, video in videos.items():
+        while video.duration < minutes * 60:
+            video.append(clip)
+    samples: dict[int, list[float]] = {minutes: [] for minutes in MARKS_MIN}
+    for _ in range(TIMED_ROUNDS):
+        for minutes, video in videos.items():
+            t0 = time.perf_counter()
+            video.append(clip)
+            samples[minutes].append(time.perf_counter() - t0)
+    timings = {
+        str(minutes): {
+            "median_ms": round(statistics.median(samples[minutes]) * 1000, 3),
+            "p95_ms": _pct(samples[minutes], 95),
+            "file_mb": round(video.path.stat().st_size / 1e6, 1),
+        }
+        for minutes, video in videos.items()
+    }
+    longest = videos[MARKS_MIN[-1]]
+    t0 = time.perf_counter()
+    longest.export_plain(workdir / "full_conversation.mp4")
+    export_s = time.perf_counter() - t0
+    first, last = timings[str(MARKS_MIN[0])]["median_ms"], timings[str(MARKS_MIN[-1])]["median_ms"]
+    return {
+        "clip_seconds": round(clip.duration, 3),
+        "clip_bytes": sum(len(f.data) for f in clip.fragments),
+        "timed_rounds": TIMED_ROUNDS,
+        "append_at_minutes": timings,
+        "ratio_60_over_1": round(last / first, 3),
+        "export_plain_60min_s": round(export_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML settings file")
+    parser.add_argument("--renderer", default="lite", help="models.renderer (lite, musetalk, tiny, auto)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--demo-seconds", type=float, default=2.0, help="length of the demo avatar loop")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--clip-seconds", type=float, default=10.0, help="length of the clip appended repeatedly")
+    parser.add_argument("--out", default="results/bench_server.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
+        work = Path(tmp)
+        settings = load_settings(args.config, {
+            "models": {"renderer": args.renderer, "device": args.device},
+            "avatar": {"demo_seconds": args.demo_seconds, "cache_dir": str(work / "avatars")},
+            "server": {"sessions_dir": str(work / "sessions")},
+        })
+        result = {
+            "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0))},
+            "speak": bench_speak(settings, args.requests),
+            "append": bench_append(settings, work, args.clip_seconds),
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

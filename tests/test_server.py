@@ -1,0 +1,292 @@
+"""The HTTP server end to end on the lite renderer (TestClient with the lifespan running)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from musetalk_warm.config import Settings
+from musetalk_warm.runtime import Runtime
+from musetalk_warm.server import create_app
+
+FPS = 25
+CYCLE = 50  # the one-second demo avatar: 25 frames, cycled forward and back
+MAX_UPLOAD = 2 * 1024 * 1024
+
+
+def lite_settings(root: Path, tts: dict | None = None, **server: object) -> Settings:
+    """Lite renderer, a one-second demo avatar, small limits, everything under ``root``."""
+    return Settings(
+        models={"renderer": "lite"},
+        avatar={"demo_seconds": 1.0, "cache_dir": root / "avatars"},
+        tts=tts or {},
+        server={"sessions_dir": root / "sessions", "max_upload_bytes": MAX_UPLOAD,
+                "max_text_chars": 200, **server},
+    )
+
+
+def wait_ready(client: TestClient, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get("/health")
+        if response.status_code == 200:
+            return response.json()
+        assert response.json()["status"] == "loading", response.json()
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="module")
+def client(root: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(lite_settings(root)), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c
+
+
+def ffprobe(path: Path) -> dict[str, dict]:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
+         "stream=codec_type,codec_name,duration,nb_read_packets", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+
+
+def decodes(path: Path) -> bool:
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and not proc.stderr.strip()
+
+
+def fetch(client: TestClient, url: str, dst: Path) -> Path:
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    dst.write_bytes(response.content)
+    return dst
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_health_docs_and_page(client: TestClient) -> None:
+    health = client.get("/health").json()
+    assert health["ready"] and health["renderer"] == "lite" and health["device"] == "cpu"
+    assert health["avatars"] == ["demo"] and health["tts"] == "espeak-ng"
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]["/speak"]["post"]["requestBody"]["content"]) == {
+        "application/json", "multipart/form-data"
+    }
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<video" in page.text
+    assert "play()" in client.get("/static/app.js").text
+
+
+def test_speak_texts_and_upload_build_one_session_video(
+    client: TestClient, speech_wav: Path, tmp_path: Path
+) -> None:
+    assert client.get("/reset").json()["clips"] == 0
+    texts = ["Hello there.", "This is the second sentence, a little longer.", "Third."]
+    replies = [client.post("/speak", json={"text": t}).json() for t in texts]
+    with open(speech_wav, "rb") as fh:
+        upload = client.post("/speak", files={"audio": ("speech.wav", fh, "audio/wav")})
+    assert upload.status_code == 200, upload.text
+    replies.append(upload.json())
+
+    assert [r["clip_index"] for r in replies] == [1, 2, 3, 4]
+    assert all(r["status"] == "success" and r["session_id"] == "default" for r in replies)
+    frames = [r["frames"] for r in replies]
+    starts = [r["start_frame"] for r in replies]
+    assert starts == [int(sum(frames[:i])) % CYCLE for i in range(4)]
+    for r in replies:
+        assert r["video_path"] == r["session_video_url"] == "/sessions/default/video"
+        assert r["duration"] == pytest.approx(r["frames"] / FPS)
+        assert {"tts", "audio", "render", "encode", "append", "total"} <= set(r["timings"])
+        assert r["timings"]["total"] >= r["timings"]["render"] > 0
+    assert replies[3]["timings"]["tts"] == 0 and replies[0]["timings"]["tts"] > 0
+    # The uploaded speech is ~5 s: its clip is the longest.
+    assert replies[3]["frames"] == max(frames) and replies[3]["duration"] > 3
+
+    state = client.get("/sessions/default").json()
+    assert state["clips"] == 4 and state["frames"] == sum(frames)
+    assert state["next_frame"] == sum(frames) % CYCLE
+
+    total = sum(frames) / FPS
+    for url, name in ((replies[0]["session_video_url"], "plain.mp4"),
+                      (replies[0]["session_video_url"] + "?fragmented=true", "frag.mp4")):
+        info = ffprobe(fetch(client, url, tmp_path / name))
+        assert info["video"]["codec_name"] == "h264" and info["audio"]["codec_name"] == "aac"
+        assert int(info["video"]["nb_read_packets"]) == sum(frames)
+        assert decodes(tmp_path / name)
+    plain = ffprobe(tmp_path / "plain.mp4")
+    assert abs(float(plain["video"]["duration"]) - total) < 0.04
+    assert abs(float(plain["audio"]["duration"]) - float(plain["video"]["duration"])) < 1 / FPS
+
+    download = client.get("/download")
+    assert download.headers["content-disposition"].startswith('attachment; filename="full_conversation.mp4"')
+    assert download.content == (tmp_path / "plain.mp4").read_bytes()
+    clip = ffprobe(fetch(client, replies[1]["clip_url"], tmp_path / "clip.mp4"))
+    assert int(clip["video"]["nb_read_packets"]) == frames[1]
+
+    reset = client.post("/reset", json={})
+    assert reset.status_code == 200 and reset.json()["clips"] == 0 and reset.json()["duration"] == 0
+    assert client.get("/sessions/default").json()["clips"] == 0
+    assert client.get("/sessions/default/video").status_code == 404
+    assert client.post("/speak", json={"text": "Fresh start."}).json()["start_frame"] == 0
+
+
+def test_clip_range_requests(client: TestClient) -> None:
+    client.post("/reset", json={"session_id": "ranges"})
+    reply = client.post("/speak", json={"text": "Range test.", "session_id": "ranges"}).json()
+    whole = client.get(reply["clip_url"]).content
+    part = client.get(reply["clip_url"], headers={"Range": "bytes=100-1099"})
+    assert part.status_code == 206 and part.content == whole[100:1100]
+    assert part.headers["content-range"] == f"bytes 100-1099/{len(whole)}"
+    tail = client.get(reply["clip_url"], headers={"Range": "bytes=-64"})
+    assert tail.status_code == 206 and tail.content == whole[-64:]
+    assert client.get(reply["clip_url"], headers={"Range": f"bytes={len(whole) + 10}-"}).status_code == 416
+    video = client.get("/sessions/ranges/video", headers={"Range": "bytes=0-7"})
+    assert video.status_code == 206 and video.content[4:8] == b"ftyp"
+
+
+def _assert_clean_error(response, status: int, code: str, root: Path) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code and body["message"] and body["request_id"]
+    assert "Traceback" not in response.text and str(root) not in response.text
+    assert "/tmp" not in body["message"] and "/work" not in body["message"]
+    return body
+
+
+def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path) -> None:
+    client.post("/reset", json={"session_id": "guarded"})
+    assert client.post("/speak", json={"text": "Keep me.", "session_id": "guarded"}).status_code == 200
+    folder = root / "sessions" / "guarded"
+    before = snapshot(folder)
+    s = {"session_id": "guarded"}
+    rate = 16000
+    tone = (0.3 * np.sin(np.arange(rate) * 2 * np.pi * 200 / rate)).astype(np.float32)
+    flac = io.BytesIO()
+    sf.write(flac, tone, rate, format="FLAC")
+    corrupt = flac.getvalue()[:200] + bytes(range(256)) * 4  # a real header, then garbage
+    cases = [
+        (client.post("/speak", json={"text": "   ", **s}), 422, "bad_text", "empty"),
+        (client.post("/speak", json={"text": "x" * 201, **s}), 422, "bad_text", "limit of 200"),
+        (client.post("/speak", json={**s}), 422, "bad_input", "text"),
+        (client.post("/speak", content=b"{not json", headers={"content-type": "application/json"}), 422,
+         "bad_input", "JSON"),
+        (client.post("/speak", data=s, files={"audio": ("a.wav", b"hello, not audio", "audio/wav")}), 422,
+         "bad_audio", ""),
+        (client.post("/speak", data=s, files={"audio": ("a.wav", corrupt, "audio/wav")}), 422, "bad_audio", ""),
+        (client.post("/speak", data=s, files={"audio": ("a.wav", wav_bytes(tone[:320], rate), "audio/wav")}),
+         422, "bad_audio", "40 ms"),
+        (client.post("/speak", data=s, files={"audio": ("a.wav", b"", "audio/wav")}), 422, "bad_audio", "empty"),
+        (client.post("/speak", data=s, files={"audio": ("big.wav", bytes(MAX_UPLOAD + 70_000), "audio/wav")}),
+         413, "payload_too_large", "larger than"),
+        (client.post("/speak", json={"text": "Hi.", "avatar_id": "nobody", **s}), 404, "not_found", "nobody"),
+        (client.post("/speak", json={"text": "Hi.", "session_id": "missing"}), 404, "not_found", "missing"),
+        (client.post("/speak", json={"text": "Hi.", "session_id": "../escape"}), 400, "bad_input", "session_id"),
+        (client.get("/sessions/missing/clips/1"), 404, "not_found", "missing"),
+        (client.get("/sessions/guarded/clips/9"), 404, "not_found", "clip 9"),
+        (client.get("/no/such/route"), 404, "not_found", ""),
+    ]
+    for response, status, code, words in cases:
+        body = _assert_clean_error(response, status, code, root)
+        assert words in body["message"], body
+    assert snapshot(folder) == before
+
+
+def test_unexpected_error_is_a_clean_500(client: TestClient, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    warm = client.app.state.warm
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"secret detail {root}/x")
+
+    monkeypatch.setattr(warm.store, "speak", explode)
+    response = client.post("/speak", json={"text": "Boom."})
+    body = _assert_clean_error(response, 500, "internal_error", root)
+    assert "secret" not in response.text
+    assert response.headers["x-request-id"] == body["request_id"]
+
+
+def test_metrics_count_frames_and_stages(client: TestClient) -> None:
+    client.post("/speak", json={"text": "Count me."})
+    text = client.get("/metrics").text
+    frames = [line for line in text.splitlines() if line.startswith("musetalk_frames_rendered_total")]
+    assert frames and float(frames[0].split()[-1]) > 0
+    assert 'musetalk_stage_seconds_count{stage="render"}' in text
+    assert 'musetalk_requests_total{method="POST",route="/speak",status="200"}' in text
+
+
+def test_chat_job_api(client: TestClient) -> None:
+    client.post("/reset", json={"session_id": "jobs"})
+    started = client.post("/chat", json={"text": "Tell me something.", "session_id": "jobs"})
+    assert started.status_code == 202 and started.json()["status"] in ("queued", "running")
+    job_id = started.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (job := client.get(f"/status/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "done" and job["reply"] == "Tell me something."
+    assert job["video_url"] == "/sessions/jobs/clips/1"
+    video = client.get(f"/video/{job_id}")
+    assert video.status_code == 200 and video.content[4:8] == b"ftyp"
+    assert client.get("/status/nope").status_code == 404
+
+
+def test_not_ready_until_loaded(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def slow_load(settings: Settings) -> Runtime:
+        release.wait(30)
+        return Runtime.load(settings)
+
+    app = create_app(lite_settings(tmp_path), runtime_factory=slow_load)
+    with TestClient(app) as c:
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        busy = c.post("/speak", json={"text": "Too early."})
+        assert busy.status_code == 503 and busy.json()["error"] == "not_ready"
+        release.set()
+        assert wait_ready(c)["ready"]
+
+
+def test_auth_and_tts_failure(tmp_path: Path) -> None:
+    # A TTS endpoint nobody listens on: every synthesis fails like a real outage.
+    settings = lite_settings(tmp_path, tts={"engine": "openai", "openai_url": "http://127.0.0.1:9"},
+                             auth_token="s3cret")
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        _assert_clean_error(c.post("/speak", json={"text": "Hi."}), 401, "unauthorized", tmp_path)
+        wrong = c.post("/speak", json={"text": "Hi."}, headers={"Authorization": "Bearer nope"})
+        _assert_clean_error(wrong, 401, "unauthorized", tmp_path)
+        _assert_clean_error(c.get("/sessions/default"), 401, "unauthorized", tmp_path)
+        assert c.get("/health").status_code == 200  # probes need no token
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.post("/reset", headers=auth).status_code == 200
+        failed = c.post("/speak", json={"text": "Hi."}, headers=auth)
+        assert "speech endpoint" in _assert_clean_error(failed, 502, "tts_error", tmp_path)["message"]
+        assert c.get("/sessions/default?access_token=s3cret").json()["clips"] == 0
+        assert c.get("/sessions/default/video", headers=auth).status_code == 404

@@ -1,0 +1,210 @@
+"""SessionStore on the lite renderer: continuity, atomic appends, crash recovery, reset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musetalk_warm import fmp4
+from musetalk_warm.config import Settings
+from musetalk_warm.errors import AudioError, BadInput, MediaError, NotFound
+from musetalk_warm.runtime import Runtime
+from musetalk_warm.session import SessionStore
+from musetalk_warm.tts import EspeakTTS
+
+RATE = 16000
+FPS = 25
+
+
+def lite_settings(root: Path, **server: object) -> Settings:
+    """Lite renderer, a one-second demo avatar, everything under ``root``."""
+    return Settings(
+        models={"renderer": "lite"},
+        avatar={"demo_seconds": 1.0, "cache_dir": root / "avatars"},
+        server={"sessions_dir": root / "sessions", **server},
+    )
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="module")
+def runtime(root: Path) -> Runtime:
+    rt = Runtime.load(lite_settings(root))
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[np.ndarray]:
+    import soxr
+
+    tts = EspeakTTS()
+    out = []
+    for text in ("Hello there.", "How are you today?", "Fine, thanks."):
+        samples, rate = tts.synthesize(text)
+        out.append(soxr.resample(samples, rate, RATE).astype(np.float32))
+    return out
+
+
+def ffprobe(path: Path) -> dict[str, dict[str, float | str]]:
+    """Per stream type: codec, duration (s) and packet count, read by ffprobe."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
+         "stream=codec_type,codec_name,duration,nb_read_packets,sample_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+
+
+def decodes(path: Path) -> bool:
+    """True when ffmpeg decodes the whole file without an error."""
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and not proc.stderr.strip()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_clips_continue_and_session_adds_up(root: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    store = SessionStore(lite_settings(root))
+    cycle = runtime.avatar(None).cycle_length
+    results = [store.speak("talk", audio, None, runtime) for audio in speech]
+    assert [r.clip_index for r in results] == [1, 2, 3]
+    frames = [r.frames for r in results]
+    # Each clip starts where the previous one ended on the avatar's frame cycle.
+    assert [r.start_frame for r in results] == [0, frames[0] % cycle, (frames[0] + frames[1]) % cycle]
+    state = store.state("talk")
+    assert state.clips == 3 and state.frames == sum(frames)
+    assert state.next_frame == sum(frames) % cycle
+    assert state.audio_tail is not None and state.audio_tail.dtype == np.float32
+    for r, audio in zip(results, speech):
+        # Padded to the 320 ms quantum: whole frames, never shorter than the speech.
+        assert r.frames % 8 == 0 and len(audio) / RATE <= r.duration_s < len(audio) / RATE + 0.32 + 1e-6
+        clip = ffprobe(r.clip_path)
+        assert clip["video"]["codec_name"] == "h264" and int(clip["video"]["nb_read_packets"]) == r.frames
+
+    info = ffprobe(store.video_path("talk"))
+    assert info["video"]["codec_name"] == "h264" and info["audio"]["codec_name"] == "aac"
+    assert int(info["video"]["nb_read_packets"]) == sum(frames)
+    total = sum(frames) / FPS
+    exported = store.export("talk")
+    plain = ffprobe(exported)
+    assert abs(float(plain["video"]["duration"]) - total) < 0.04
+    assert abs(float(plain["audio"]["duration"]) - float(plain["video"]["duration"])) < 1 / FPS
+    assert decodes(exported)
+    assert store.export("talk").stat().st_mtime_ns == exported.stat().st_mtime_ns  # cached
+
+
+def test_failed_append_leaves_session_unchanged(
+    root: Path, runtime: Runtime, speech: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SessionStore(lite_settings(root))
+    store.speak("fail", speech[0], None, runtime)
+    folder = store.path("fail")
+    before = snapshot(folder)
+
+    # The disk fails while the session video's new bytes are flushed: they were already written.
+    def broken_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("full_session.mp4"):
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+
+    monkeypatch.setattr(fmp4, "os", types.SimpleNamespace(**{**vars(os), "fsync": broken_fsync}))
+    with pytest.raises(MediaError):
+        store.speak("fail", speech[1], None, runtime)
+    monkeypatch.undo()
+    assert snapshot(folder) == before
+    assert decodes(store.video_path("fail"))
+    # The session carries on from where the last good clip ended.
+    result = store.speak("fail", speech[1], None, runtime)
+    assert result.clip_index == 2 and result.start_frame == store.state("fail").previous.next_frame
+
+
+def test_state_ahead_of_video_is_rolled_back(root: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    """A crash after state.json was written but before the append landed loses only that clip."""
+    store = SessionStore(lite_settings(root))
+    first = store.speak("crash", speech[0], None, runtime)
+    good = store.state("crash")
+    store.speak("crash", speech[1], None, runtime)
+    folder = store.path("crash")
+    # Rebuild what the disk holds when the process dies between the two writes:
+    # the index and video of clip 1, the state (and clip file) of clip 2.
+    index = folder / "full_session.index.jsonl"
+    lines = index.read_bytes().splitlines(keepends=True)
+    index.write_bytes(lines[0])
+    fresh = SessionStore(lite_settings(root))
+    state = fresh.state("crash")
+    assert state.clips == 1 and state.next_frame == good.next_frame == first.frames
+    assert not (folder / "clips" / "clip_0002.mp4").exists()
+    assert os.path.getsize(folder / "full_session.mp4") == json.loads(lines[0])["end"]
+    again = fresh.speak("crash", speech[2], None, runtime)
+    assert again.clip_index == 2 and again.start_frame == first.frames
+    assert decodes(fresh.export("crash"))
+
+
+def test_bad_audio_and_ids(root: Path, runtime: Runtime) -> None:
+    store = SessionStore(lite_settings(root))
+    store.create("short")
+    before = snapshot(store.path("short"))
+    with pytest.raises(AudioError, match="shorter than one video frame"):
+        store.speak("short", np.zeros(RATE // 50, np.float32), None, runtime)
+    with pytest.raises(NotFound, match="unknown avatar"):
+        store.speak("short", np.zeros(RATE, np.float32), "nobody", runtime)
+    assert snapshot(store.path("short")) == before
+    with pytest.raises(NotFound):
+        store.speak("absent", np.zeros(RATE, np.float32), None, runtime, create=False)
+    for bad in ("../etc", "a/b", "", ".hidden"):
+        with pytest.raises(BadInput):
+            store.state(bad)
+    with pytest.raises(NotFound, match="no clips yet"):
+        store.export("short")
+
+
+@pytest.mark.parametrize("policy", ["archive", "delete"])
+def test_reset(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray], policy: str) -> None:
+    store = SessionStore(lite_settings(tmp_path, reset_policy=policy))
+    store.speak("r", speech[0], None, runtime)
+    old = snapshot(store.path("r"))
+    state = store.reset("r")
+    assert state.clips == 0 and state.next_frame == 0 and state.duration_s == 0
+    assert not store.video_path("r").exists()
+    siblings = [p for p in store.root.iterdir() if p.name != "r"]
+    if policy == "archive":
+        assert len(siblings) == 1 and siblings[0].name.startswith("r.")
+        assert snapshot(siblings[0]) == old
+    else:
+        assert siblings == []
+    assert store.speak("r", speech[1], None, runtime).start_frame == 0
+
+
+def test_gapless_after_100_appends(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    """Audio and video of a 100-clip session end within one frame of each other."""
+    store = SessionStore(lite_settings(tmp_path))
+    source = np.concatenate(speech)
+    rng = np.random.default_rng(0)
+    frames = 0
+    for _ in range(100):
+        # Odd lengths, so clips end at every phase of the AAC frame grid before padding.
+        n = int(rng.integers(RATE // 20, RATE * 6 // 10))
+        start = int(rng.integers(0, len(source) - n))
+        frames += store.speak("long", source[start : start + n], None, runtime).frames
+    state = store.state("long")
+    assert state.clips == 100 and state.frames == frames
+    info = ffprobe(store.export("long"))
+    video_s, audio_s = float(info["video"]["duration"]), float(info["audio"]["duration"])
+    assert abs(video_s - frames / FPS) < 0.04
+    assert abs(audio_s - video_s) < 1 / FPS
+    assert int(info["video"]["nb_read_packets"]) == frames
+    # 48 kHz AAC: 1024 samples a packet, no priming frames left between clips.
+    assert int(info["audio"]["nb_read_packets"]) == round(frames / FPS * 48000 / 1024)
