@@ -9,6 +9,7 @@ the Whisper features match upstream; PyAV's swresample would differ slightly.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,8 @@ def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     if src_rate == dst_rate:
         return audio.copy()
     return soxr.resample(audio, src_rate, dst_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def num_frames(n_samples: int, fps: int, rate: int = 16000) -> int:
+    """Video frames for ``n_samples`` of audio: ``floor(n/rate*fps)`` in float arithmetic (upstream)."""
+    return math.floor(n_samples / rate * fps)

@@ -37,6 +37,10 @@ _FLAGS: dict[str, tuple[str, str, Any]] = {
     "--models-dir": ("models", "models_dir", str),
     "--device": ("models", "device", str),
     "--host": ("server", "host", str),
+    "--sessions-dir": ("server", "sessions_dir", str),
+    "--auth-token": ("server", "auth_token", str),
+    "--reset-policy": ("server", "reset_policy", str),
+    "--tts-engine": ("tts", "engine", str),
     "--port": ("server", "port", int),
 }
 

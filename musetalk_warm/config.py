@@ -134,6 +134,7 @@ class TTSSettings(_Section):
     openai_url: str | None = None
     openai_model: str = "tts-1"
     openai_voice: str = "alloy"
+    openai_api_key: str | None = None
 
 
 class ServerSettings(_Section):

@@ -121,6 +121,13 @@ class ResourceExhausted(MuseTalkWarmError):
     code = "resource_exhausted"
 
 
+class NotReady(MuseTalkWarmError):
+    """The models are still loading (or failed to load)."""
+
+    status_code = 503
+    code = "not_ready"
+
+
 class Unauthorized(MuseTalkWarmError):
     """A bearer token is required and was missing or wrong."""
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from .audio import num_frames
 from .errors import AudioError
 from .models import Models
 
@@ -22,11 +23,6 @@ FEATURE_RATE = 50  # Whisper encoder steps per second
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE
 PAD_LEFT = PAD_RIGHT = 2  # upstream audio_padding_length_left / _right
 WINDOW = 2 * (PAD_LEFT + PAD_RIGHT + 1)  # feature steps per video frame
-
-
-def num_frames(n_samples: int, fps: int, rate: int = SAMPLE_RATE) -> int:
-    """Video frames for ``n_samples`` of audio: ``floor(n/rate*fps)`` in float arithmetic."""
-    return math.floor(n_samples / rate * fps)
 
 
 def feature_steps(n_samples: int) -> int:

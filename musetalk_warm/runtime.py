@@ -24,7 +24,7 @@ from .avatar import Avatar, load_avatar
 from .config import RenderSettings, Settings
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
 from .errors import AudioError, AvatarCacheError, NotFound, WeightsMissing
-from .features import num_frames
+from .audio import num_frames
 
 log = logging.getLogger(__name__)
 AUDIO_RATE = 16000

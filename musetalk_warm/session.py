@@ -33,7 +33,7 @@ import numpy as np
 
 from .config import Settings, safe_name
 from .errors import BadInput, MediaError, NotFound
-from .fmp4 import SessionVideo
+from .session_video import SessionVideo
 from .media import write_clip_mp4
 
 if TYPE_CHECKING:

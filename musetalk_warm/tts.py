@@ -151,7 +151,7 @@ class OpenAITTS:
         self._client.close()
 
 
-def load_tts(settings: TTSSettings, *, api_key: str | None = None) -> TTS:
+def load_tts(settings: TTSSettings) -> TTS:
     """The engine named by ``settings.engine``, ready to speak (built once at startup)."""
     if settings.engine == "openai":
         if not settings.openai_url:
@@ -159,5 +159,7 @@ def load_tts(settings: TTSSettings, *, api_key: str | None = None) -> TTS:
                 "tts.engine is 'openai' but tts.openai_url is not set",
                 hint="set tts.openai_url or use tts.engine=espeak",
             )
-        return OpenAITTS(settings.openai_url, settings.openai_model, settings.openai_voice, api_key=api_key)
+        return OpenAITTS(
+            settings.openai_url, settings.openai_model, settings.openai_voice, api_key=settings.openai_api_key
+        )
     return EspeakTTS(settings.voice, settings.speed_wpm)

@@ -29,7 +29,7 @@ import uvicorn
 
 from musetalk_warm.audio import resample
 from musetalk_warm.config import Settings, load_settings
-from musetalk_warm.fmp4 import SessionVideo
+from musetalk_warm.session_video import SessionVideo
 from musetalk_warm.runtime import AUDIO_RATE, Runtime
 from musetalk_warm.server import create_app
 from musetalk_warm.tts import load_tts

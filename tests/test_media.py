@@ -14,10 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm import fmp4, media
+from musetalk_warm import fmp4, media, session_video
 from musetalk_warm.config import MediaSettings
 from musetalk_warm.errors import DependencyMissing, MediaError
-from musetalk_warm.fmp4 import SessionVideo, iter_boxes
+from musetalk_warm.fmp4 import iter_boxes
+from musetalk_warm.session_video import SessionVideo
 
 SETTINGS = MediaSettings()
 RATE = SETTINGS.audio_rate
@@ -408,7 +409,7 @@ def test_failed_append_leaves_session_untouched(
         handle = open(file, mode, *args, **kwargs)
         return _HalfWriter(handle) if Path(file).name == target and "a" in mode else handle
 
-    monkeypatch.setattr(fmp4, "open", failing_open, raising=False)
+    monkeypatch.setattr(session_video, "open", failing_open, raising=False)
     with pytest.raises(MediaError, match="No space left") as err:
         session.append(clip)
     assert str(tmp_path) not in str(err.value)

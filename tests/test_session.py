@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musetalk_warm import fmp4
+from musetalk_warm import session_video
 from musetalk_warm.config import Settings
 from musetalk_warm.errors import AudioError, BadInput, MediaError, NotFound
 from musetalk_warm.runtime import Runtime
@@ -120,7 +120,7 @@ def test_failed_append_leaves_session_unchanged(
             raise OSError(5, "Input/output error")
         os.fsync(fd)
 
-    monkeypatch.setattr(fmp4, "os", types.SimpleNamespace(**{**vars(os), "fsync": broken_fsync}))
+    monkeypatch.setattr(session_video, "os", types.SimpleNamespace(**{**vars(os), "fsync": broken_fsync}))
     with pytest.raises(MediaError):
         store.speak("fail", speech[1], None, runtime)
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..errors import MuseTalkWarmError
+from ..errors import MuseTalkWarmError, NotReady
 from ..metrics import Metrics
 from ..session import SessionStore
 from .schemas import JobStatus
@@ -17,13 +17,6 @@ from .schemas import JobStatus
 if TYPE_CHECKING:
     from ..runtime import Runtime
     from ..tts import TTS
-
-
-class NotReady(MuseTalkWarmError):
-    """The models are still loading (or failed to load)."""
-
-    status_code = 503
-    code = "not_ready"
 
 
 @dataclass
