@@ -8,16 +8,16 @@ Also: atomic file writes and the stream-copy remux to a plain ``+faststart`` MP4
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import av
 
 from .errors import MediaError
+from .files import atomic_write
 
 _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf"}
 _TFHD_DURATION = 0x08
@@ -184,29 +184,6 @@ class EncodedClip:
     @property
     def duration(self) -> float:
         return self.frame_count / self.fps
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``; on failure
-    ``path`` is untouched and the temporary file removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remux_plain(source: str | Path | IO[bytes], dst: Path) -> None:

@@ -33,8 +33,9 @@ import numpy as np
 
 from .config import Settings, safe_name
 from .errors import BadInput, MediaError, NotFound
-from .session_video import SessionVideo
+from .files import atomic_write_bytes
 from .media import write_clip_mp4
+from .session_video import SessionVideo
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -100,28 +101,6 @@ class SpeakResult:
     start_frame: int
     state: SessionState
     timings: dict[str, float]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temp file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_session_id(session_id: str) -> str:
@@ -211,7 +190,7 @@ class SessionStore:
             return state
 
     def _write_state(self, folder: Path, state: SessionState) -> None:
-        _write_atomic(folder / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
+        atomic_write_bytes(folder / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
 
     def _video(self, session_id: str, state: SessionState) -> SessionVideo:
         """The open session video, recovered and reconciled with the state on first use."""

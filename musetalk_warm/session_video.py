@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MediaError
+from .files import atomic_write, fsync_dir
 from .fmp4 import (
     EncodedClip,
     Track,
-    atomic_write,
     codec_signature,
-    fsync_dir,
     iter_boxes,
     parse_fragment,
     parse_init,

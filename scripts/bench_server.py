@@ -26,8 +26,9 @@ from typing import Any
 import httpx
 import numpy as np
 import uvicorn
+import yaml
 
-from musetalk_warm.audio import resample
+from musetalk_warm.audio import load_audio, resample
 from musetalk_warm.config import Settings, load_settings
 from musetalk_warm.session_video import SessionVideo
 from musetalk_warm.runtime import AUDIO_RATE, Runtime
@@ -76,7 +77,15 @@ def _serve(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str]:
     raise SystemExit("server did not become ready")
 
 
-def bench_speak(settings: Settings, requests: int) -> dict[str, Any]:
+def _request(speech: list[Path], i: int) -> dict[str, Any]:
+    """Keyword arguments of the i-th /speak request: text, or an uploaded file when ``speech`` is given."""
+    if speech:
+        path = speech[i % len(speech)]
+        return {"data": {"session_id": "bench"}, "files": {"audio": (path.name, path.read_bytes(), "audio/wav")}}
+    return {"json": {"text": SENTENCES[i % len(SENTENCES)], "session_id": "bench"}}
+
+
+def bench_speak(settings: Settings, requests: int, speech: list[Path]) -> dict[str, Any]:
     """/speak latency over HTTP; the first request is a warm-up and not counted."""
     server, thread, url = _serve(settings)
     walls: list[float] = []
@@ -88,7 +97,7 @@ def bench_speak(settings: Settings, requests: int) -> dict[str, Any]:
             client.post("/reset", json={"session_id": "bench"}).raise_for_status()
             for i in range(requests + 1):
                 t0 = time.perf_counter()
-                response = client.post("/speak", json={"text": SENTENCES[i % len(SENTENCES)], "session_id": "bench"})
+                response = client.post("/speak", **_request(speech, i))
                 wall = time.perf_counter() - t0
                 response.raise_for_status()
                 if i == 0:
@@ -112,11 +121,15 @@ def bench_speak(settings: Settings, requests: int) -> dict[str, Any]:
     }
 
 
-def bench_append(settings: Settings, workdir: Path, clip_seconds: float) -> dict[str, Any]:
+def bench_append(settings: Settings, workdir: Path, clip_seconds: float, speech_files: list[Path]) -> dict[str, Any]:
     """Append time of one clip at several session lengths (same encoded clip appended repeatedly)."""
     runtime = Runtime.load(settings)
     try:
-        voice, rate = load_tts(settings.tts).synthesize(" ".join(SENTENCES))
+        if speech_files:
+            voice = np.concatenate([load_audio(p, AUDIO_RATE) for p in speech_files])
+            rate = AUDIO_RATE
+        else:
+            voice, rate = load_tts(settings.tts).synthesize(" ".join(SENTENCES))
         speech = resample(voice, rate, AUDIO_RATE)[: int(clip_seconds * AUDIO_RATE)]
         clip = runtime.render_clip(speech, None, 0).clip
     finally:
@@ -163,19 +176,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo-seconds", type=float, default=2.0, help="length of the demo avatar loop")
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--clip-seconds", type=float, default=10.0, help="length of the clip appended repeatedly")
+    parser.add_argument("--speech-dir", help="upload the .wav files here instead of sending text (no TTS needed)")
+    parser.add_argument("--cache-dir", help="avatar cache folder to use (default: a fresh one)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other setting (repeatable)")
     parser.add_argument("--out", default="results/bench_server.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
         work = Path(tmp)
-        settings = load_settings(args.config, {
+        overrides: dict[str, dict[str, Any]] = {
             "models": {"renderer": args.renderer, "device": args.device},
-            "avatar": {"demo_seconds": args.demo_seconds, "cache_dir": str(work / "avatars")},
+            "avatar": {"demo_seconds": args.demo_seconds, "cache_dir": args.cache_dir or str(work / "avatars")},
             "server": {"sessions_dir": str(work / "sessions")},
-        })
+        }
+        for item in args.set:
+            name, _, raw = item.partition("=")
+            section, key = name.split(".", 1)
+            overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
+        settings = load_settings(args.config, overrides)
+        speech = sorted(Path(args.speech_dir).glob("*.wav")) if args.speech_dir else []
         result = {
             "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0))},
-            "speak": bench_speak(settings, args.requests),
-            "append": bench_append(settings, work, args.clip_seconds),
+            "speak": bench_speak(settings, args.requests, speech),
+            "append": bench_append(settings, work, args.clip_seconds, speech),
         }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,3 +69,25 @@ def tiny_models():
     from musetalk_warm.models import tiny_models as build
 
     return build(seed=0)
+
+
+def ffprobe(path: Path) -> dict[str, dict[str, str]]:
+    """Per stream type: codec, duration, packet count and sample rate, as ffprobe (not our code) reads them."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
+         "stream=codec_type,codec_name,duration,nb_read_packets,sample_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+
+
+def decodes(path: Path) -> bool:
+    """True when ffmpeg decodes the whole file without an error."""
+    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
+                          capture_output=True, text=True)
+    return proc.returncode == 0 and not proc.stderr.strip()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

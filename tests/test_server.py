@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import decodes, ffprobe, snapshot
 from fastapi.testclient import TestClient
 
 from musetalk_warm.config import Settings
@@ -58,21 +57,6 @@ def client(root: Path) -> Iterator[TestClient]:
         yield c
 
 
-def ffprobe(path: Path) -> dict[str, dict]:
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
-         "stream=codec_type,codec_name,duration,nb_read_packets", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
-
-
-def decodes(path: Path) -> bool:
-    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
-                          capture_output=True, text=True)
-    return proc.returncode == 0 and not proc.stderr.strip()
-
-
 def fetch(client: TestClient, url: str, dst: Path) -> Path:
     response = client.get(url)
     assert response.status_code == 200, response.text
@@ -84,10 +68,6 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_health_docs_and_page(client: TestClient) -> None:

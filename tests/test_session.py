@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import decodes, ffprobe, make_settings, snapshot
 
 from musetalk_warm import session_video
 from musetalk_warm.config import Settings
@@ -22,13 +22,9 @@ RATE = 16000
 FPS = 25
 
 
-def lite_settings(root: Path, **server: object) -> Settings:
+def _settings(root: Path, **server: object) -> Settings:
     """Lite renderer, a one-second demo avatar, everything under ``root``."""
-    return Settings(
-        models={"renderer": "lite"},
-        avatar={"demo_seconds": 1.0, "cache_dir": root / "avatars"},
-        server={"sessions_dir": root / "sessions", **server},
-    )
+    return make_settings(root, avatar={"demo_seconds": 1.0}, server=server)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runtime(root: Path) -> Runtime:
-    rt = Runtime.load(lite_settings(root))
+    rt = Runtime.load(_settings(root))
     yield rt
     rt.close()
 
@@ -55,29 +51,8 @@ def speech() -> list[np.ndarray]:
     return out
 
 
-def ffprobe(path: Path) -> dict[str, dict[str, float | str]]:
-    """Per stream type: codec, duration (s) and packet count, read by ffprobe."""
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-count_packets", "-show_entries",
-         "stream=codec_type,codec_name,duration,nb_read_packets,sample_rate", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
-
-
-def decodes(path: Path) -> bool:
-    """True when ffmpeg decodes the whole file without an error."""
-    proc = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
-                          capture_output=True, text=True)
-    return proc.returncode == 0 and not proc.stderr.strip()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_clips_continue_and_session_adds_up(root: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
-    store = SessionStore(lite_settings(root))
+    store = SessionStore(_settings(root))
     cycle = runtime.avatar(None).cycle_length
     results = [store.speak("talk", audio, None, runtime) for audio in speech]
     assert [r.clip_index for r in results] == [1, 2, 3]
@@ -109,7 +84,7 @@ def test_clips_continue_and_session_adds_up(root: Path, runtime: Runtime, speech
 def test_failed_append_leaves_session_unchanged(
     root: Path, runtime: Runtime, speech: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = SessionStore(lite_settings(root))
+    store = SessionStore(_settings(root))
     store.speak("fail", speech[0], None, runtime)
     folder = store.path("fail")
     before = snapshot(folder)
@@ -133,7 +108,7 @@ def test_failed_append_leaves_session_unchanged(
 
 def test_state_ahead_of_video_is_rolled_back(root: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
     """A crash after state.json was written but before the append landed loses only that clip."""
-    store = SessionStore(lite_settings(root))
+    store = SessionStore(_settings(root))
     first = store.speak("crash", speech[0], None, runtime)
     good = store.state("crash")
     store.speak("crash", speech[1], None, runtime)
@@ -143,7 +118,7 @@ def test_state_ahead_of_video_is_rolled_back(root: Path, runtime: Runtime, speec
     index = folder / "full_session.index.jsonl"
     lines = index.read_bytes().splitlines(keepends=True)
     index.write_bytes(lines[0])
-    fresh = SessionStore(lite_settings(root))
+    fresh = SessionStore(_settings(root))
     state = fresh.state("crash")
     assert state.clips == 1 and state.next_frame == good.next_frame == first.frames
     assert not (folder / "clips" / "clip_0002.mp4").exists()
@@ -154,7 +129,7 @@ def test_state_ahead_of_video_is_rolled_back(root: Path, runtime: Runtime, speec
 
 
 def test_bad_audio_and_ids(root: Path, runtime: Runtime) -> None:
-    store = SessionStore(lite_settings(root))
+    store = SessionStore(_settings(root))
     store.create("short")
     before = snapshot(store.path("short"))
     with pytest.raises(AudioError, match="shorter than one video frame"):
@@ -173,7 +148,7 @@ def test_bad_audio_and_ids(root: Path, runtime: Runtime) -> None:
 
 @pytest.mark.parametrize("policy", ["archive", "delete"])
 def test_reset(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray], policy: str) -> None:
-    store = SessionStore(lite_settings(tmp_path, reset_policy=policy))
+    store = SessionStore(_settings(tmp_path, reset_policy=policy))
     store.speak("r", speech[0], None, runtime)
     old = snapshot(store.path("r"))
     state = store.reset("r")
@@ -190,7 +165,7 @@ def test_reset(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray], polic
 
 def test_gapless_after_100_appends(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
     """Audio and video of a 100-clip session end within one frame of each other."""
-    store = SessionStore(lite_settings(tmp_path))
+    store = SessionStore(_settings(tmp_path))
     source = np.concatenate(speech)
     rng = np.random.default_rng(0)
     frames = 0
