@@ -1,4 +1,4 @@
-"""The prepared avatar: frames, face boxes, landmarks, latents and blend masks.
+"""The prepared avatar: frames, face boxes, placements, landmarks, latents and blend masks.
 
 `Avatar` is what the render engine consumes; `save_avatar` / `load_avatar`
 keep it under ``<cache_dir>/<avatar_id>/`` in safe formats (npy, safetensors,
@@ -32,14 +32,19 @@ class Avatar:
         avatar_id: cache folder name.
         fps: frame rate the frames were read at.
         frames: ``[N,H,W,3]`` uint8 BGR source frames (may be a read-only memmap).
-        boxes: ``[N,4]`` int32 face boxes ``x1,y1,x2,y2`` (upstream v1.5 rule, with
-            ``extra_margin`` on y2): the region the generated 256² face replaces.
+        boxes: ``[N,4]`` int32 raw face boxes ``x1,y1,x2,y2`` (upstream v1.5 rule,
+            with ``extra_margin`` on y2), the input of stabilisation.
         landmarks: ``[N,68,2]`` float32 iBUG-68 points in frame coordinates.
-        crops: ``[N,256,256,3]`` uint8 BGR face crops (box resized with INTER_LANCZOS4).
+        crops: ``[N,256,256,3]`` uint8 BGR face crops, each cut with its placement
+            (:func:`~musetalk_warm.stabilise.crop_face`; upstream's LANCZOS4 resize
+            of the box when the placement is a whole-pixel box).
         latents: ``[N,8,32,32]`` float32 UNet input (masked ‖ reference latents),
             or ``None`` when the avatar was prepared without a VAE.
         masks: per frame, the uint8 blend mask ``[2s,2s]`` over ``crop_boxes[i]``.
-        crop_boxes: ``[N,4]`` int32 expanded square crop boxes (may leave the frame).
+        crop_boxes: ``[N,4]`` int32 expanded square crop boxes of the placed face
+            boxes (may leave the frame).
+        placements: ``[N,2,3]`` float64 stabilised face-crop → frame maps: where
+            ``crops[i]`` was cut and where a face generated from it is pasted.
         manifest: the cache manifest (source hash, model id, parameters, version).
     """
 
@@ -52,6 +57,7 @@ class Avatar:
     latents: np.ndarray | None
     masks: tuple[np.ndarray, ...]
     crop_boxes: np.ndarray
+    placements: np.ndarray
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -69,7 +75,7 @@ class Avatar:
         return np.where(j < n, j, 2 * n - 1 - j)
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _FRAMES = "frames.npy"
 _CROPS = "crops.npy"
@@ -110,6 +116,7 @@ def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
         "boxes": np.ascontiguousarray(avatar.boxes, dtype=np.int32),
         "landmarks": np.ascontiguousarray(avatar.landmarks, dtype=np.float32),
         "crop_boxes": np.ascontiguousarray(avatar.crop_boxes, dtype=np.int32),
+        "placements": np.ascontiguousarray(avatar.placements, dtype=np.float64),
     }
     if avatar.latents is not None:
         arrays["latents"] = np.ascontiguousarray(avatar.latents, dtype=np.float32)
@@ -181,6 +188,7 @@ def load_avatar(avatar_id: str, cache_root: str | Path, *, mmap: bool = True) ->
             latents=arrays.get("latents"),
             masks=masks,
             crop_boxes=arrays["crop_boxes"],
+            placements=arrays["placements"],
             manifest=manifest,
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -188,12 +196,14 @@ def load_avatar(avatar_id: str, cache_root: str | Path, *, mmap: bool = True) ->
             f"the cache of avatar {avatar_id!r} is damaged ({type(exc).__name__})",
             hint=_hint(avatar_id) + " with --force",
         ) from exc
-    sizes = {len(frames), len(crops), len(avatar.boxes), len(avatar.landmarks), len(avatar.crop_boxes)}
+    sizes = {len(frames), len(crops), len(avatar.boxes), len(avatar.landmarks), len(avatar.crop_boxes),
+             len(avatar.placements)}
     if avatar.latents is not None:
         sizes.add(len(avatar.latents))
-    if sizes != {n}:
+    if sizes != {n} or avatar.placements.shape[1:] != (2, 3):
         raise AvatarCacheError(
-            f"the cache of avatar {avatar_id!r} is inconsistent (frame counts {sorted(sizes)})",
+            f"the cache of avatar {avatar_id!r} is inconsistent (frame counts {sorted(sizes)}, "
+            f"placements {avatar.placements.shape})",
             hint=_hint(avatar_id) + " with --force",
         )
     return avatar

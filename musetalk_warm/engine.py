@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from . import blend, stabilise
+from . import blend
 from .avatar import Avatar
 from .config import RenderSettings
 from .errors import AvatarCacheError, ResourceExhausted
@@ -108,18 +108,6 @@ class RenderEngine:
         self.renderer = renderer
         self.settings = settings
         self._composite_pool = ThreadPoolExecutor(composite_workers, thread_name_prefix="composite")
-        self._plans: dict[tuple[str, int, RenderSettings], stabilise.Placement] = {}
-        self._plans_lock = threading.Lock()
-
-    def placement(self, avatar: Avatar, settings: RenderSettings | None = None) -> stabilise.Placement:
-        """Stabilised paste transforms for every cycle position (computed once per avatar)."""
-        settings = settings or self.settings
-        key = (avatar.avatar_id, id(avatar), settings)
-        with self._plans_lock:
-            plan = self._plans.get(key)
-            if plan is None:
-                plan = self._plans[key] = stabilise.plan(avatar, settings)
-            return plan
 
     def render(
         self,
@@ -133,19 +121,18 @@ class RenderEngine:
         """Yield one BGR frame per ``floor(len(audio)/16000*fps)``.
 
         Frame ``i`` shows avatar cycle position ``start + i``; the caller keeps
-        ``start + n`` to continue the next clip where this one ended.
+        ``start + n`` to continue the next clip where this one ended. Faces are
+        pasted at the avatar's placements (fixed at prep, with its stabiliser
+        settings); ``settings`` chooses the blend mode and whether a fractional
+        placement is kept or rounded to whole pixels.
         """
         settings = settings or self.settings
         stats = stats if stats is not None else RenderStats()
         t0 = time.perf_counter()
         cond = self.renderer.condition(audio, avatar.fps)
         stats.add("condition_s", time.perf_counter() - t0)
-        n = len(cond)
-        placement = self.placement(avatar, settings)
-        positions = start + np.arange(n, dtype=np.int64)
-        sources = avatar.source_index(positions)
-        cycle = positions % avatar.cycle_length
-        yield from self._pipeline(avatar, cond, sources, cycle, placement, settings, stats)
+        sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
+        yield from self._pipeline(avatar, cond, sources, settings, stats)
 
     def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats) -> np.ndarray:
         """One batch, halving the batch on accelerator OOM before giving up."""
@@ -173,14 +160,12 @@ class RenderEngine:
                 step = max(1, step // 2)
                 log.warning("out of memory; retrying with batch size %d", step)
 
-    def _composite_one(
-        self, avatar: Avatar, face: np.ndarray, src: int, pos: int,
-        placement: stabilise.Placement, settings: RenderSettings,
-    ) -> np.ndarray:
+    def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
+        # The face was generated from the crop cut at this placement (prep), so it goes back there.
         return blend.composite(
             avatar.frames[src],
             face,
-            placement.transforms[pos],
+            avatar.placements[src],
             avatar.masks[src],
             avatar.crop_boxes[src],
             settings.blend_mode,
@@ -192,8 +177,6 @@ class RenderEngine:
         avatar: Avatar,
         cond: Any,
         sources: np.ndarray,
-        cycle: np.ndarray,
-        placement: stabilise.Placement,
         settings: RenderSettings,
         stats: RenderStats,
     ) -> Iterator[np.ndarray]:
@@ -224,8 +207,6 @@ class RenderEngine:
                             [avatar] * len(faces),
                             faces,
                             sources[s : s + len(faces)].tolist(),
-                            cycle[s : s + len(faces)].tolist(),
-                            [placement] * len(faces),
                             [settings] * len(faces),
                         )
                     )

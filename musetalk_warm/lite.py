@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .avatar import CROP_SIZE, Avatar
+from .avatar import Avatar
 from .config import RenderSettings
 from .errors import AudioError
+from .stabilise import invert
 
 SAMPLE_RATE = 16000
 
@@ -223,11 +224,18 @@ def _mouth_window(geo: _MouthGeometry, gap: np.ndarray, top: int, size: int) -> 
 
 
 def crop_landmarks(avatar: Avatar, src_idx: np.ndarray) -> np.ndarray:
-    """``[B,68,2]`` landmarks of source frames ``src_idx`` in 256² crop coordinates."""
-    boxes = avatar.boxes[src_idx].astype(np.float32)
-    size = np.maximum(boxes[:, 2:] - boxes[:, :2], 1.0)
-    scale = (CROP_SIZE / size)[:, None, :]
-    return (avatar.landmarks[src_idx].astype(np.float32) - boxes[:, None, :2]) * scale
+    """``[B,68,2]`` landmarks of source frames ``src_idx`` in 256² crop coordinates.
+
+    Each frame's points go through the inverse of its placement, the map its crop
+    was cut with. Landmarks are continuous coordinates (pixel ``j`` spans
+    ``[j, j+1]``) and placements map pixel centres, hence the half-pixel shifts.
+    """
+    out = np.empty((len(src_idx), 68, 2), dtype=np.float32)
+    for b, i in enumerate(np.asarray(src_idx, dtype=np.int64)):
+        to_crop = invert(avatar.placements[i])
+        points = avatar.landmarks[i].astype(np.float64) - 0.5
+        out[b] = points @ to_crop[:, :2].T + to_crop[:, 2] + 0.5
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
-"""Avatar preparation ("force prep"): source frames -> boxes, crops, masks, latents -> cache.
+"""Avatar preparation ("force prep"): source frames -> boxes, placements, crops, masks, latents -> cache.
 
 Per frame, as upstream MuseTalk v1.5 (``get_landmark_and_bbox`` and
 ``Avatar.prepare_material``): 68 landmarks, the face box from them (detector
 box as fallback), ``extra_margin`` below the chin, a 256x256 LANCZOS4 crop, the
-blend mask over the 1.5x crop box, and the VAE latents of the crop. One
-deliberate difference: upstream forces ``bbox_shift = 0`` for v1.5; here it
-stays configurable (default 0).
+blend mask over the 1.5x crop box, and the VAE latents of the crop.
+
+Deliberate differences: upstream forces ``bbox_shift = 0`` for v1.5; here it
+stays configurable (default 0). The crop is cut at the frame's stabilised
+placement (:func:`musetalk_warm.stabilise.plan`), the same map the engine pastes
+the generated face with, and the mask is built on the box that placement
+covers, so crop, paste and mask always agree. With every stabiliser off the
+placement is the raw box and the crop is upstream's.
 
 The result is cached (:mod:`musetalk_warm.avatar`). Running again on the same
 source with the same parameters and VAE only loads the cache; when only the
@@ -36,6 +41,7 @@ from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
 from .errors import BadInput, ConfigError, FaceNotFound
 from .landmarks import Detection, LandmarkDetector, make_detector
 from .masks import Box, blend_mask, crop_box, landmark_segment
+from .stabilise import crop_face, placed_box, plan
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".
 # reads is only an initialisation it overwrites).
 PARSING_CHECKPOINT = "79999_iter.pth"
 _VERSIONED = ("numpy", "opencv-contrib-python", "mediapipe", "scikit-image", "musetalk-warm")
+# The render settings that change placements (and so crops, latents and masks).
+STABILISER_SETTINGS = (
+    "one_euro_enabled", "one_euro_center", "one_euro_size", "jump_reset_px",
+    "scale_lock_enabled", "scale_lock_frames", "affine_enabled", "subpixel_enabled",
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,8 @@ def prep_params(settings: Settings, mask_source: str) -> dict[str, Any]:
         "upper_boundary_ratio": render.upper_boundary_ratio,
         "blur_ratio": render.blur_ratio,
         "crop_size": CROP_SIZE,
+        # Placements decide where crops are cut and masks drawn.
+        "stabilise": render.model_dump(include=set(STABILISER_SETTINGS)),
     }
 
 
@@ -158,12 +171,6 @@ def with_margin(box: Box, extra_margin: int, frame_height: int) -> Box:
     """v1.5: ``y2 = min(y2 + extra_margin, frame_height)``; x1, y1, x2 unchanged."""
     x1, y1, x2, y2 = box
     return (x1, y1, x2, min(y2 + extra_margin, frame_height))
-
-
-def face_crop(frame: np.ndarray, box: Box) -> np.ndarray:
-    """The box's pixels resized to ``256x256`` with cv2 INTER_LANCZOS4."""
-    x1, y1, x2, y2 = box
-    return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
 
 
 def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress: bool = False) -> np.ndarray:
@@ -227,8 +234,21 @@ def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings
     return boxes, landmarks, {"faceless_frames": missing, "fallback_box_frames": fallback}
 
 
+def _placements(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, settings: Settings) -> np.ndarray:
+    """``[N,2,3]`` stabilised placements of the raw ``boxes`` under the render settings."""
+    render = settings.render
+    raw_crop_boxes = np.array(
+        [crop_box((int(b[0]), int(b[1]), int(b[2]), int(b[3])), render.expand) for b in boxes], dtype=np.int32
+    )
+    started = time.perf_counter()
+    placements = plan(frames, landmarks, boxes, raw_crop_boxes, settings.avatar.fps, render)
+    log.info("placements of %d frames in %.2f s", len(frames), time.perf_counter() - started)
+    return placements
+
+
 def _masks(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, settings: Settings,
            mask_source: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Blend masks and their crop boxes around ``boxes``, the face boxes the placements cover."""
     render = settings.render
     segment: Callable[[int, Box], np.ndarray]
     if mask_source == "parsing":
@@ -313,8 +333,10 @@ def prepare_avatar(
     frames = read_frames(source, settings)
     found, detector_name = _detect_all(frames, settings, source, detector, progress)
     boxes, landmarks, notes = _boxes(frames, found, settings, source)
-    crops = np.stack([face_crop(frame, tuple(box)) for frame, box in zip(frames, boxes)])
-    masks, crop_boxes = _masks(frames, boxes, landmarks, settings, mask_source)
+    placements = _placements(frames, boxes, landmarks, settings)
+    crops = np.stack([crop_face(frame, t) for frame, t in zip(frames, placements)])
+    placed = np.array([placed_box(t) for t in placements], dtype=np.int32)
+    masks, crop_boxes = _masks(frames, placed, landmarks, settings, mask_source)
     latents = None if encoder is None else encode_crops(encoder, crops, settings.render.batch_size, progress)
     manifest = {
         "source": {"kind": source.kind, "name": source.name, "sha256": source.sha256},
@@ -325,7 +347,7 @@ def prepare_avatar(
         **notes,
     }
     avatar = Avatar(cfg.avatar_id, cfg.fps, frames, boxes, landmarks, crops, latents,
-                    tuple(masks), crop_boxes, manifest)
+                    tuple(masks), crop_boxes, placements, manifest)
     save_avatar(avatar, cfg.cache_dir)
     log.info("avatar %s: prepared %d frames from %s %s in %.1f s (masks: %s, latents: %s)",
              cfg.avatar_id, len(frames), source.kind, source.name, time.perf_counter() - started,

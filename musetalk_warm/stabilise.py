@@ -1,10 +1,11 @@
-"""Where each generated 256² face goes in its frame: One-Euro, scale lock, affine tracking.
+"""Where each 256² face crop is cut and pasted back: One-Euro, scale lock, affine tracking.
 
-Everything is computed once per avatar, per cycle position, so placing a face at
-speak time is an array lookup. A placement is a ``[2,3]`` affine map from
-face-crop pixel coordinates to frame pixel coordinates (pixel-centre convention,
-as ``cv2.warpAffine``); for an upright box it equals upstream's
-``cv2.resize(face, (w, h))`` into that box.
+Placements are computed once at prep, one per source frame: prep cuts each
+frame's face crop with its placement and the engine pastes the generated face
+with the same one, so the face goes back exactly where its input came from. A
+placement is a ``[2,3]`` affine map from face-crop pixel coordinates to frame
+pixel coordinates (pixel-centre convention, as ``cv2.warpAffine``); for an
+upright box it equals upstream's ``cv2.resize(face, (w, h))`` into that box.
 
 Stabilisers (each toggled in :class:`~musetalk_warm.config.RenderSettings`):
 
@@ -15,19 +16,18 @@ Stabilisers (each toggled in :class:`~musetalk_warm.config.RenderSettings`):
   moving head holds still, and carried back by the measured motion: no lag.
 * One-Euro filter on box centre and size, reset on a jump of the raw centre.
 * scale lock: box size fixed to the median of the first frames.
-* sub-pixel paste: fractional placements are kept (otherwise rounded to whole
-  pixels, as upstream).
+* sub-pixel placement: fractional placements are kept (otherwise rounded to
+  whole pixels at prep, as upstream's integer boxes).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from .avatar import CROP_SIZE, Avatar
+from .avatar import CROP_SIZE
 from .config import OneEuroSettings, RenderSettings
 
 # iBUG-68 points whose neighbourhood moves rigidly with the skull: brows 17..26,
@@ -106,29 +106,6 @@ class ScaleLock:
         return size.copy()
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Per cycle position ``p`` (``0..2N-1``) where the generated face goes.
-
-    Attributes:
-        transforms: ``[2N,2,3]`` float64 face-crop → frame maps.
-        source: ``[2N]`` int64 source frame of each position (the ping-pong cycle).
-
-    Placements stay fractional; :func:`musetalk_warm.blend.composite` rounds them
-    with :func:`snap` when sub-pixel paste is off.
-    """
-
-    transforms: np.ndarray
-    source: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.transforms.shape[0])
-
-    def transform(self, position: int) -> np.ndarray:
-        """The ``[2,3]`` placement of cycle position ``position`` (any int, wraps)."""
-        return self.transforms[position % len(self)]
-
-
 def box_transform(center: np.ndarray, size: np.ndarray) -> np.ndarray:
     """The face-crop → frame map of an upright box of ``size`` (w, h) at ``center``.
 
@@ -148,12 +125,41 @@ def boxes_center_size(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (b[:, :2] + b[:, 2:]) / 2.0, b[:, 2:] - b[:, :2]
 
 
+def upright_box(transform: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The whole-pixel box ``x1,y1,x2,y2`` that ``transform`` places; ``None`` if rotated or fractional."""
+    t = np.asarray(transform, dtype=np.float64)
+    if t[0, 1] != 0.0 or t[1, 0] != 0.0 or not np.array_equal(snap(t), t):
+        return None
+    return placed_box(t)
+
+
+def placed_box(transform: np.ndarray) -> tuple[int, int, int, int]:
+    """Whole-pixel bounding box ``x1,y1,x2,y2`` of the 256² square under ``transform``.
+
+    The crop's outer pixel edges (``-0.5`` and ``255.5`` in pixel-centre
+    coordinates) are mapped to the frame; for :func:`box_transform` of a
+    whole-pixel box this gives that box back.
+    """
+    t = np.asarray(transform, dtype=np.float64)
+    lo, hi = -0.5, CROP_SIZE - 0.5
+    corners = np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]]) @ t[:, :2].T + t[:, 2] + 0.5
+    x1, y1 = np.rint(corners.min(axis=0))
+    x2, y2 = np.rint(corners.max(axis=0))
+    return int(x1), int(y1), int(x2), int(y2)
+
+
 def crop_face(frame: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """The 256² face crop that ``transform`` places: what the generated face should replace.
 
-    For an upright whole-pixel box this is upstream's
-    ``cv2.resize(frame[y1:y2, x1:x2], (256, 256), INTER_LANCZOS4)`` up to edge pixels.
+    A whole-pixel upright box inside the frame is cut exactly as upstream,
+    ``cv2.resize(frame[y1:y2, x1:x2], (256, 256), INTER_LANCZOS4)``; any other
+    placement is sampled with ``cv2.warpAffine`` (LANCZOS4, edges replicated).
     """
+    box = upright_box(transform)
+    height, width = frame.shape[:2]
+    if box is not None and box[0] >= 0 and box[1] >= 0 and box[2] <= width and box[3] <= height:
+        x1, y1, x2, y2 = box
+        return cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
     flags = cv2.INTER_LANCZOS4 | cv2.WARP_INVERSE_MAP
     return cv2.warpAffine(frame, transform, (CROP_SIZE, CROP_SIZE), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
@@ -218,7 +224,7 @@ def track_affines(
     into each frame directly (LK seeded with the box motion, forward-backward
     checked) and fitted with ``estimateAffinePartial2D`` (RANSAC). A frame that
     cannot be tracked falls back to the motion of its face box. This is the
-    expensive step of :func:`plan`; cache its result with the avatar.
+    expensive step of :func:`plan` (about 1.5 ms per frame of a 512² video).
     """
     count = len(frames)
     x1, y1, x2, y2 = _tracking_roi(np.asarray(crop_boxes), frames.shape[1:])
@@ -261,16 +267,24 @@ def track_affines(
 
 
 def _filter_cycle(
-    centers: np.ndarray, sizes: np.ndarray, source: np.ndarray, settings: RenderSettings, dt: float
+    centers: np.ndarray, sizes: np.ndarray, settings: RenderSettings, dt: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale lock and One-Euro over the cycle, twice; the second (periodic) pass is kept."""
+    """Scale lock and One-Euro over the ping-pong cycle, made zero-phase per source frame.
+
+    The filters run over the cycle 0..N-1, N-1..0 twice and the second (periodic)
+    pass is kept, so there is no start-up transient. Frame ``i`` is visited once
+    going forward (position ``i``) and once going back (``2N-1-i``); the two
+    outputs lag in opposite directions, and their mean has no lag (as filtfilt).
+    """
+    n = len(centers)
+    source = np.r_[np.arange(n), np.arange(n)[::-1]]
     smooth_center = OneEuroFilter(settings.one_euro_center, dt, settings.jump_reset_px)
     smooth_size = OneEuroFilter(settings.one_euro_size, dt)
-    lock = ScaleLock(min(settings.scale_lock_frames, len(centers)))
+    lock = ScaleLock(min(settings.scale_lock_frames, n))
     for size in sizes[: lock.frames]:
         lock(size)  # all frames are known at prep: lock before the first position
-    out_center = np.empty((len(source), 2))
-    out_size = np.empty((len(source), 2))
+    out_center = np.empty((2 * n, 2))
+    out_size = np.empty((2 * n, 2))
     for _ in range(2):
         for p, i in enumerate(source):
             c, s = centers[i], sizes[i]
@@ -282,31 +296,42 @@ def _filter_cycle(
                     smooth_size.reset()
                 s = smooth_size(s)
             out_center[p], out_size[p] = c, s
-    return out_center, out_size
+    return (out_center[:n] + out_center[n:][::-1]) / 2.0, (out_size[:n] + out_size[n:][::-1]) / 2.0
 
 
-def plan(avatar: Avatar, settings: RenderSettings, *, affines: np.ndarray | None = None) -> Placement:
-    """Placements for every cycle position of ``avatar`` under ``settings``.
+def plan(
+    frames: np.ndarray,
+    landmarks: np.ndarray,
+    boxes: np.ndarray,
+    crop_boxes: np.ndarray,
+    fps: float,
+    settings: RenderSettings,
+    *,
+    affines: np.ndarray | None = None,
+) -> np.ndarray:
+    """``[N,2,3]`` float64 placements (face crop → frame), one per source frame.
 
-    ``affines`` are :func:`track_affines` results (cached with the avatar); they
-    are computed here when affine tracking is on and none are given.
+    Inputs are prep's per-frame arrays: ``boxes`` the raw upstream face boxes,
+    ``crop_boxes`` their expanded crop boxes (the tracking region). ``affines``
+    are :func:`track_affines` results; they are computed here when affine
+    tracking is on and none are given.
 
     With affine tracking the face box is fixed in the reference frame (median
     centre; median size of the first ``scale_lock_frames`` frames with scale lock,
-    of all frames without) and moved by each frame's tracked motion, so a position
-    depends only on its source frame. Without it, scale lock and One-Euro run on
-    the raw boxes over the ping-pong cycle, twice, keeping the second pass so the
-    periodic sequence has no start-up transient.
+    of all frames without) and moved by each frame's tracked motion. Without it,
+    scale lock and One-Euro run on the raw boxes over the ping-pong cycle and
+    each frame gets the mean of its forward and backward filtered values (no
+    lag). With every stabiliser off a placement is the raw box itself. Without
+    sub-pixel placement, placements are rounded to whole pixels (:func:`snap`).
     """
-    n = len(avatar)
-    source = avatar.source_index(np.arange(2 * n))
+    n = len(boxes)
     if settings.affine_enabled:
         if affines is None:
-            affines = track_affines(avatar.frames, avatar.landmarks, avatar.boxes, avatar.crop_boxes)
+            affines = track_affines(frames, landmarks, boxes, crop_boxes)
         motion = np.asarray(affines, dtype=np.float64)
     else:
         motion = np.repeat(np.eye(2, 3)[None], n, axis=0)
-    centers, sizes = boxes_center_size(avatar.boxes)
+    centers, sizes = boxes_center_size(boxes)
     # Boxes in reference coordinates: a rigid head motion cancels out.
     ref_centers = np.array([cv2.transform(c[None, None], invert(m))[0, 0] for c, m in zip(centers, motion)])
     ref_sizes = sizes / np.array([_similarity_scale(m) for m in motion])[:, None]
@@ -316,11 +341,11 @@ def plan(avatar: Avatar, settings: RenderSettings, *, affines: np.ndarray | None
         # over all frames) carried by each frame's measured motion. Nothing is left
         # to filter, and no filter lag is added.
         lock = min(settings.scale_lock_frames, n) if settings.scale_lock_enabled else n
-        out_center = np.repeat(np.median(ref_centers, axis=0)[None], 2 * n, axis=0)
-        out_size = np.repeat(np.median(ref_sizes[:lock], axis=0)[None], 2 * n, axis=0)
+        out_center = np.repeat(np.median(ref_centers, axis=0)[None], n, axis=0)
+        out_size = np.repeat(np.median(ref_sizes[:lock], axis=0)[None], n, axis=0)
     else:
-        out_center, out_size = _filter_cycle(ref_centers, ref_sizes, source, settings, 1.0 / avatar.fps)
-    transforms = np.stack(
-        [compose(motion[i], box_transform(c, s)) for i, c, s in zip(source, out_center, out_size)]
-    )
-    return Placement(transforms=transforms, source=source)
+        out_center, out_size = _filter_cycle(ref_centers, ref_sizes, settings, 1.0 / fps)
+    placements = np.stack([compose(m, box_transform(c, s)) for m, c, s in zip(motion, out_center, out_size)])
+    if not settings.subpixel_enabled:
+        placements = np.stack([snap(t) for t in placements])
+    return placements

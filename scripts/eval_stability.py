@@ -3,9 +3,14 @@
 A real face photo (scikit-image's astronaut) is moved, scaled and rotated along
 smooth paths with still and moving segments; its face boxes come from the
 upstream box rule on the exactly transformed landmarks plus detector-like noise.
-The generated face is the ground-truth face crop (with a slight tone shift, as a
-VAE gives), so the ideal paste is known. Writes ``results/eval_stability.json``
-and prints a markdown table.
+
+Jitter, lag and error are those of the placement: a mouth point fixed in crop
+coordinates (a generator drawing the mouth at a canonical crop position) against
+its true position. For the seams the generated face is what prep feeds the
+generator, the crop cut at the placement, with a slight tone shift (as a VAE
+gives), and the mask is built on the placed box as prep does; the "ideal" seam
+pastes the ground-truth crop at the true placement. Writes
+``results/eval_stability.json`` and prints a markdown table.
 
     python -m scripts.eval_stability [--frames 200] [--seed 0]
 """
@@ -29,7 +34,16 @@ from musetalk_warm.blend import composite
 from musetalk_warm.config import RenderSettings
 from musetalk_warm.landmarks import detect_landmarks
 from musetalk_warm.masks import blend_mask, crop_box, landmark_segment
-from musetalk_warm.stabilise import box_transform, boxes_center_size, compose, invert, plan, snap, track_affines
+from musetalk_warm.stabilise import (
+    box_transform,
+    boxes_center_size,
+    compose,
+    crop_face,
+    invert,
+    placed_box,
+    plan,
+    track_affines,
+)
 
 FPS = 25
 MOUTH = slice(48, 68)
@@ -95,10 +109,12 @@ def synthetic_avatar(count: int, seed: int) -> tuple[Avatar, np.ndarray, np.ndar
         blend_mask(still.shape, tuple(b), landmark_segment(lm, tuple(c)))[0]
         for b, c, lm in zip(boxes_a, crops, landmarks)
     )
+    centers, sizes = boxes_center_size(boxes_a)
     avatar = Avatar(
         avatar_id="synthetic", fps=FPS, frames=np.stack(frames), boxes=boxes_a,
         landmarks=np.array(landmarks, np.float32), crops=np.zeros((count, 256, 256, 3), np.uint8),
         latents=None, masks=masks, crop_boxes=crops,
+        placements=np.stack([box_transform(c, s) for c, s in zip(centers, sizes)]),
     )
     return avatar, np.array(truths), moving
 
@@ -135,6 +151,16 @@ def _seam(out: np.ndarray, ideal: np.ndarray, mask: np.ndarray, cbox: np.ndarray
     return float(np.percentile(grad[band], 99))
 
 
+def _toned(face: np.ndarray) -> np.ndarray:
+    return np.clip(face.astype(np.float64) + TONE, 0, 255).astype(np.uint8)
+
+
+def _placed_mask(shape: tuple[int, ...], placement: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The landmark blend mask on the box ``placement`` covers, as prep builds it."""
+    box = placed_box(placement)
+    return blend_mask(shape, box, landmark_segment(landmarks, crop_box(box)))
+
+
 def evaluate(avatar: Avatar, truths: np.ndarray, moving: np.ndarray, affines: np.ndarray, seam_frames: int) -> dict[str, Any]:
     """Jitter, lag and seam per configuration."""
     lm0 = avatar.landmarks[0].astype(np.float64)
@@ -142,33 +168,34 @@ def evaluate(avatar: Avatar, truths: np.ndarray, moving: np.ndarray, affines: np
     source = avatar.source_index(np.arange(2 * len(avatar)))
     truth_pts = np.stack([cv2.transform(mouth_crop, truths[i])[0] for i in source])
     moving_pos = moving[source]
-    faces = [
-        np.clip(cv2.warpAffine(f, invert(t), (256, 256), flags=cv2.INTER_CUBIC).astype(np.float64) + TONE, 0, 255).astype(np.uint8)
-        for f, t in zip(avatar.frames, truths)
-    ]
+    truth_faces = [_toned(cv2.warpAffine(f, invert(t), (256, 256), flags=cv2.INTER_CUBIC))
+                   for f, t in zip(avatar.frames, truths)]
     seam_at = np.linspace(0, 2 * len(avatar) - 1, seam_frames).astype(int)
     rows: dict[str, Any] = {}
     for name, (flags, mode) in CONFIGS.items():
         settings = RenderSettings(**{**OFF, **flags}, blend_mode=mode)
-        placed = plan(avatar, settings, affines=affines)
-        eff = placed.transforms if settings.subpixel_enabled else np.stack([snap(t) for t in placed.transforms])
+        placements = plan(avatar.frames, avatar.landmarks, avatar.boxes, avatar.crop_boxes, FPS, settings,
+                          affines=affines)
+        eff = placements[source]
         pts = np.stack([cv2.transform(mouth_crop, t)[0] for t in eff])
         err = pts - truth_pts
         jitter = float(np.sqrt((_periodic_highpass(err.reshape(len(err), -1)) ** 2).mean() * 2))
         lag = _lag(pts.mean(axis=1), truth_pts.mean(axis=1), moving_pos)
         seams, ideal_seams = [], []
         for p in seam_at:
-            i = source[p]
+            i, frame = source[p], avatar.frames[source[p]]
+            face = _toned(crop_face(frame, eff[p]))  # as prep cuts it
+            mask, cbox = _placed_mask(frame.shape, eff[p], avatar.landmarks[i])
+            out = composite(frame, face, eff[p], mask, cbox, mode, subpixel=settings.subpixel_enabled)
+            seams.append(_seam(out, frame, mask, np.array(cbox)))
             args = (avatar.masks[i], avatar.crop_boxes[i], mode)
-            out = composite(avatar.frames[i], faces[i], eff[p], *args, subpixel=settings.subpixel_enabled)
-            seams.append(_seam(out, avatar.frames[i], avatar.masks[i], avatar.crop_boxes[i]))
-            ideal = composite(avatar.frames[i], faces[i], truths[i], *args)
+            ideal = composite(avatar.frames[i], truth_faces[i], truths[i], *args)
             ideal_seams.append(_seam(ideal, avatar.frames[i], avatar.masks[i], avatar.crop_boxes[i]))
         rows[name] = {
             "settings": {**OFF, **flags},
             "blend_mode": mode,
             "jitter_hf_rms_px": round(jitter, 4),
-            "lag_frames": round(lag, 2),
+            "lag_frames": round(lag, 2) + 0.0,  # no "-0.0"
             "mean_abs_error_px": round(float(np.linalg.norm(err, axis=2).mean()), 3),
             "seam_p99": round(float(np.mean(seams)), 3),
             "seam_p99_ideal_placement": round(float(np.mean(ideal_seams)), 3),
@@ -254,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     affines = track_affines(avatar.frames, avatar.landmarks, avatar.boxes, avatar.crop_boxes)
     track_s = time.perf_counter() - start
     start = time.perf_counter()
-    plan(avatar, RenderSettings(), affines=affines)
+    plan(avatar.frames, avatar.landmarks, avatar.boxes, avatar.crop_boxes, FPS, RenderSettings(), affines=affines)
     plan_s = time.perf_counter() - start
     rows = evaluate(avatar, truths, moving, affines, args.seam_frames)
     raw, best = rows["raw (upstream paste)"], rows["all + feather"]

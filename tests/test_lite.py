@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from musetalk_warm.errors import AudioError
 from musetalk_warm.features import num_frames
 from musetalk_warm.landmarks import detect_landmarks
 from musetalk_warm.lite import LiteRenderer, crop_landmarks
+from musetalk_warm.stabilise import box_transform, boxes_center_size
 
 SR = 16000
 FPS = 25
@@ -42,11 +44,26 @@ def avatar(face_bgr: np.ndarray) -> Avatar:
         crop = cv2.resize(frame[y1:y2, x1:x2], (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_LANCZOS4)
         frames.append(frame), marks.append(lm), boxes.append(box), crops.append(crop)
     n = len(frames)
+    centers, sizes = boxes_center_size(np.stack(boxes))
     return Avatar(
         avatar_id="astronaut", fps=FPS, frames=np.stack(frames), boxes=np.stack(boxes),
         landmarks=np.stack(marks), crops=np.stack(crops), latents=None,
         masks=tuple(np.zeros((2, 2), np.uint8) for _ in range(n)), crop_boxes=np.stack(boxes),
+        placements=np.stack([box_transform(c, s) for c, s in zip(centers, sizes)]),
     )
+
+
+def test_crop_landmarks_follow_the_placement(avatar: Avatar) -> None:
+    box, lm = avatar.boxes[1].astype(np.float64), avatar.landmarks[1].astype(np.float64)
+    size = box[2:] - box[:2]
+    # Raw-box placement: the box's corner is the crop's origin, scaled by 256 / size.
+    np.testing.assert_allclose(crop_landmarks(avatar, np.array([1]))[0], (lm - box[:2]) * 256 / size, atol=1e-3)
+    # A placement moved by (3, -2) px moves the points the other way in the crop.
+    moved = avatar.placements.copy()
+    moved[1, :, 2] += (3.0, -2.0)
+    shifted = replace(avatar, placements=moved)
+    expected = (lm - box[:2] - (3.0, -2.0)) * 256 / size
+    np.testing.assert_allclose(crop_landmarks(shifted, np.array([1]))[0], expected, atol=1e-3)
 
 
 def _regions(avatar: Avatar, idx: int) -> tuple[tuple[slice, slice], int, tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,33 +14,46 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.avatar import load_avatar, save_avatar
+from musetalk_warm.avatar import Avatar, load_avatar, save_avatar
+from musetalk_warm.blend import composite
 from musetalk_warm.config import Settings
 from musetalk_warm.demo import demo_frames
 from musetalk_warm.errors import AvatarCacheError, FaceNotFound
 from musetalk_warm.landmarks import Detection, MediapipeDetector
+from musetalk_warm.masks import crop_box
 from musetalk_warm.prep import face_box, load_or_prepare, prepare_avatar, with_margin
+from musetalk_warm.stabilise import box_transform, crop_face, placed_box
 
 SECONDS, FPS = 1.0, 12  # 12 small demo frames keep each prep near a second
 
 
 class CountingDetector:
-    """The real mediapipe detector, counting its calls."""
+    """The real mediapipe detector, counting its calls; ``noise_px`` adds detector jitter."""
 
     name = "mediapipe"
 
-    def __init__(self) -> None:
+    def __init__(self, noise_px: float = 0.0, seed: int = 0) -> None:
         self.inner = MediapipeDetector(video=True)
         self.calls = 0
+        self.noise_px = noise_px
+        self.rng = np.random.default_rng(seed)
 
     def detect(self, frame_bgr: np.ndarray) -> Detection | None:
         self.calls += 1
-        return self.inner.detect(frame_bgr)
+        found = self.inner.detect(frame_bgr)
+        if found is None or not self.noise_px:
+            return found
+        jitter = self.rng.normal(0.0, self.noise_px, found.landmarks.shape).astype(np.float32)
+        return Detection(found.landmarks + jitter, found.box)
 
 
-def settings_for(cache: Path, batch_size: int = 5, **avatar: Any) -> Settings:
+STABILISERS_OFF = {"one_euro_enabled": False, "scale_lock_enabled": False, "affine_enabled": False,
+                   "subpixel_enabled": False}
+
+
+def settings_for(cache: Path, batch_size: int = 5, render: dict[str, Any] | None = None, **avatar: Any) -> Settings:
     opts = {"cache_dir": cache, "demo_seconds": SECONDS, "fps": FPS, **avatar}
-    return Settings(avatar=opts, render={"batch_size": batch_size})
+    return Settings(avatar=opts, render={"batch_size": batch_size, **(render or {})})
 
 
 def hand_landmarks(y29: float = 150.0, chin: float = 220.0, x_min: float = 100.0) -> np.ndarray:
@@ -116,7 +130,7 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     names = {"frames.npy", "crops.npy", "arrays.safetensors", "masks.safetensors", "manifest.json"}
     assert names <= {p.name for p in folder.iterdir()}
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["avatar_id"] == "demo"
+    assert manifest["format_version"] == 2 and manifest["avatar_id"] == "demo"
     assert (manifest["fps"], manifest["num_frames"], manifest["frame_size"]) == (FPS, n, [512, 512])
     assert manifest["source"]["kind"] == "demo" and len(manifest["source"]["sha256"]) == 64
     assert manifest["vae_id"] is None and manifest["has_latents"] is False
@@ -124,6 +138,7 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     assert params["bbox_shift"] == 0 and params["extra_margin"] == 10 and params["mask_source"] == "landmarks"
     assert (params["expand"], params["blur_ratio"], params["landmark_backend"]) == (1.5, 0.1, "mediapipe")
     assert manifest["versions"]["mediapipe"] and manifest["faceless_frames"] == []
+    assert params["stabilise"]["affine_enabled"] and params["stabilise"]["one_euro_center"]["min_cutoff"] == 1.5
 
     frames = demo_frames(SECONDS, FPS)
     np.testing.assert_array_equal(avatar.frames, frames)
@@ -132,8 +147,12 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
         assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
         lm = avatar.landmarks[i]
         assert y2 == int(lm[:, 1].max()) + 10 and x1 == int(lm[:, 0].min())  # chin + extra_margin
-        expected = cv2.resize(frames[i][y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
-        np.testing.assert_array_equal(avatar.crops[i], expected)
+        # The crop is cut at the stabilised placement, a few pixels at most from the raw box.
+        t = avatar.placements[i]
+        np.testing.assert_array_equal(avatar.crops[i], crop_face(frames[i], t))
+        assert np.abs(np.subtract(placed_box(t), avatar.boxes[i])).max() <= 8
+        # The mask sits on the placed face box.
+        assert tuple(avatar.crop_boxes[i]) == crop_box(placed_box(t))
         cx1, cy1, cx2, cy2 = avatar.crop_boxes[i]
         assert cx2 - cx1 == cy2 - cy1 == avatar.masks[i].shape[0] == avatar.masks[i].shape[1]
         assert avatar.masks[i].max() == 255 and not avatar.masks[i][: (cy2 - cy1) // 2 - 20].any()
@@ -149,7 +168,7 @@ def test_reload_equals_saved_and_is_fast(demo_cache: tuple[Path, CountingDetecto
     assert isinstance(loaded.frames, np.memmap) and not loaded.frames.flags.writeable
     eager = load_avatar("demo", cache, mmap=False)
     for a in (loaded, eager):
-        for name in ("frames", "boxes", "landmarks", "crops", "crop_boxes"):
+        for name in ("frames", "boxes", "landmarks", "crops", "crop_boxes", "placements"):
             np.testing.assert_array_equal(getattr(a, name), getattr(avatar, name))
         assert len(a.masks) == len(avatar.masks)
         assert all(np.array_equal(m, k) for m, k in zip(a.masks, avatar.masks))
@@ -332,7 +351,7 @@ def test_bisenet_masks_when_its_checkpoint_exists(tmp_path: Path) -> None:
     assert avatar.manifest["params"]["parsing_mode"] == "jaw"
     parser = FaceParser(tmp_path / "models", "cpu")
     for i in range(2):
-        box = tuple(int(v) for v in avatar.boxes[i])
+        box = placed_box(avatar.placements[i])  # the mask follows the placed face
         body = Image.fromarray(np.ascontiguousarray(avatar.frames[i][:, :, ::-1]))
         segment = parser.segment(body.crop(tuple(int(v) for v in avatar.crop_boxes[i])), "jaw")
         mask, _ = blend_mask(avatar.frames.shape[1:], box, segment)
@@ -349,3 +368,74 @@ def test_parsing_without_its_checkpoint_names_the_file(tmp_path: Path) -> None:
     )
     with pytest.raises(WeightsMissing, match="79999_iter.pth"):
         prepare_avatar(settings, progress=False)
+
+
+# --- placements: crop, paste and mask agree ---------------------------------------------
+
+def _round_trip_error(avatar: Avatar, crop_of: Callable[[int], np.ndarray] | None = None) -> float:
+    """Mean |frame - paste of the unmodified crop| over the mask (grey levels, all frames)."""
+    errors = []
+    for i in range(len(avatar)):
+        crop = avatar.crops[i] if crop_of is None else crop_of(i)
+        out = composite(avatar.frames[i], crop, avatar.placements[i], avatar.masks[i], avatar.crop_boxes[i],
+                        "upstream", subpixel=True)
+        x1, y1, x2, y2 = avatar.crop_boxes[i]
+        inside = avatar.masks[i] > 0
+        diff = np.abs(out[y1:y2, x1:x2].astype(np.int16) - avatar.frames[i][y1:y2, x1:x2])
+        errors.append(diff[inside].mean())
+    return float(np.mean(errors))
+
+
+@pytest.mark.parametrize("render", [STABILISERS_OFF, {}], ids=["raw", "stabilised"])
+def test_pasting_the_unmodified_crop_reproduces_the_frame(tmp_path: Path, render: dict[str, Any]) -> None:
+    # Detector jitter of about 2 px on the boxes: the placement differs from the raw box.
+    detector = CountingDetector(noise_px=1.5, seed=4)
+    avatar = prepare_avatar(settings_for(tmp_path, render=render), detector=detector, progress=False)
+    if render:
+        raw = np.stack([box_transform((b[:2] + b[2:]) / 2, b[2:] - b[:2]) for b in avatar.boxes.astype(float)])
+        np.testing.assert_array_equal(avatar.placements, raw)
+    else:
+        moved = np.abs(np.array([placed_box(t) for t in avatar.placements]) - avatar.boxes)
+        assert moved.max() >= 2  # stabilisation really moved the boxes
+    # Crop at prep and paste at render use one map: the round trip is a resampling only.
+    assert _round_trip_error(avatar) < 0.5  # measured about 0.13 grey levels
+    if not render:
+        # A crop cut from the raw box but pasted at the stabilised placement is visibly off.
+        def raw_crop(i: int) -> np.ndarray:
+            x1, y1, x2, y2 = avatar.boxes[i]
+            return cv2.resize(avatar.frames[i][y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+
+        assert _round_trip_error(avatar, raw_crop) > 2.0  # measured about 5 grey levels
+
+
+def test_with_stabilisers_off_the_crop_is_upstreams(tmp_path: Path) -> None:
+    avatar = prepare_avatar(settings_for(tmp_path, render=STABILISERS_OFF, max_frames=4), progress=False)
+    for i in range(len(avatar)):
+        x1, y1, x2, y2 = avatar.boxes[i]
+        expected = cv2.resize(avatar.frames[i][y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+        np.testing.assert_array_equal(avatar.crops[i], expected)
+        assert tuple(avatar.crop_boxes[i]) == crop_box((x1, y1, x2, y2))
+
+
+def test_stabiliser_settings_are_part_of_the_cache_key(tmp_path: Path) -> None:
+    base = prepare_avatar(settings_for(tmp_path, max_frames=6), progress=False)
+    for render in ({"affine_enabled": False}, {"subpixel_enabled": False},
+                   {"one_euro_center": {"min_cutoff": 1.0, "beta": 0.1}}):
+        detector = CountingDetector()
+        changed = prepare_avatar(settings_for(tmp_path, render=render, max_frames=6), detector=detector,
+                                 progress=False)
+        assert detector.calls == len(base), render  # re-prepared
+        key = next(iter(render))
+        stored = changed.manifest["params"]["stabilise"][key]
+        assert render[key].items() <= stored.items() if isinstance(stored, dict) else stored == render[key]
+        again = prepare_avatar(settings_for(tmp_path, render=render, max_frames=6), detector=detector,
+                               progress=False)
+        assert detector.calls == len(base)  # unchanged settings: a no-op
+        np.testing.assert_array_equal(again.placements, changed.placements)
+        if key != "one_euro_center":  # One-Euro does not act under affine tracking
+            assert not np.array_equal(changed.placements, base.placements)
+    # The blend mode is chosen per request: it does not re-prepare.
+    detector = CountingDetector()
+    render = {"one_euro_center": {"min_cutoff": 1.0, "beta": 0.1}, "blend_mode": "poisson"}
+    prepare_avatar(settings_for(tmp_path, render=render, max_frames=6), detector=detector, progress=False)
+    assert detector.calls == 0

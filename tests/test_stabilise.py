@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.avatar import Avatar
 from musetalk_warm.config import OneEuroSettings, RenderSettings
 from musetalk_warm.landmarks import detect_landmarks
 from musetalk_warm.masks import crop_box
@@ -16,10 +15,13 @@ from musetalk_warm.stabilise import (
     OneEuroFilter,
     ScaleLock,
     box_transform,
+    compose,
     crop_face,
+    placed_box,
     plan,
     snap,
     track_affines,
+    upright_box,
 )
 
 
@@ -135,13 +137,13 @@ def test_no_drift_on_a_static_noisy_head(face_bgr: np.ndarray, face_landmarks: n
     assert drift.max() < 0.5
 
 
-def _still_avatar(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray) -> Avatar:
+def _plan(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, settings: RenderSettings,
+          affines: np.ndarray | None = None) -> np.ndarray:
     crops = np.array([crop_box(tuple(b)) for b in boxes], dtype=np.int32)
-    masks = tuple(np.zeros((c[2] - c[0], c[3] - c[1]), np.uint8) for c in crops)
-    return Avatar(
-        avatar_id="t", fps=25, frames=frames, boxes=boxes.astype(np.int32), landmarks=landmarks,
-        crops=np.zeros((len(frames), 256, 256, 3), np.uint8), latents=None, masks=masks, crop_boxes=crops,
-    )
+    return plan(frames, landmarks, boxes, crops, 25, settings, affines=affines)
+
+
+OFF = RenderSettings(one_euro_enabled=False, scale_lock_enabled=False, affine_enabled=False)
 
 
 def test_plan_off_is_the_raw_box_and_on_smooths(face_bgr: np.ndarray, face_landmarks: np.ndarray) -> None:
@@ -150,29 +152,82 @@ def test_plan_off_is_the_raw_box_and_on_smooths(face_bgr: np.ndarray, face_landm
     box = _box_of(face_landmarks)
     boxes = box[None] + rng.normal(0, 2.0, (count, 4)).round().astype(np.int32)
     frames = np.repeat(face_bgr[None], count, axis=0)
-    avatar = _still_avatar(frames, boxes, np.repeat(face_landmarks[None], count, axis=0))
-    off = RenderSettings(one_euro_enabled=False, scale_lock_enabled=False, affine_enabled=False)
-    placed = plan(avatar, off)
-    assert len(placed) == 2 * count
-    np.testing.assert_array_equal(placed.source, avatar.source_index(np.arange(2 * count)))
-    for p, i in enumerate(placed.source):
-        b = boxes[i].astype(float)
-        np.testing.assert_allclose(placed.transforms[p], box_transform((b[:2] + b[2:]) / 2, b[2:] - b[:2]))
+    landmarks = np.repeat(face_landmarks[None], count, axis=0)
+    placed = _plan(frames, boxes, landmarks, OFF)
+    assert placed.shape == (count, 2, 3)
+    for t, b in zip(placed, boxes.astype(float)):
+        np.testing.assert_array_equal(t, box_transform((b[:2] + b[2:]) / 2, b[2:] - b[:2]))
+        assert upright_box(t) == placed_box(t) == tuple(int(v) for v in b)
     still = np.repeat(np.eye(2, 3)[None], count, axis=0)
-    on = plan(avatar, RenderSettings(scale_lock_frames=10), affines=still)
-    sizes = on.transforms[:, [0, 1], [0, 1]] * 256
+    on = _plan(frames, boxes, landmarks, RenderSettings(scale_lock_frames=10), affines=still)
+    sizes = on[:, [0, 1], [0, 1]] * 256
     np.testing.assert_allclose(sizes, np.broadcast_to(np.median(boxes[:10, 2:] - boxes[:10, :2], axis=0), sizes.shape))
     # With tracking the box is rigid with the head: a still head gets one placement.
-    np.testing.assert_allclose(on.transforms, np.broadcast_to(on.transforms[0], on.transforms.shape))
-    filtered = plan(avatar, RenderSettings(affine_enabled=False, scale_lock_frames=10))
-    np.testing.assert_allclose(filtered.transforms[:, [0, 1], [0, 1]] * 256, sizes)
-    raw_x = placed.transforms[:, 0, 2]
-    assert np.std(np.diff(filtered.transforms[:, 0, 2])) < 0.5 * np.std(np.diff(raw_x))
+    np.testing.assert_allclose(on, np.broadcast_to(on[0], on.shape))
+    filtered = _plan(frames, boxes, landmarks, RenderSettings(affine_enabled=False, scale_lock_frames=10))
+    np.testing.assert_allclose(filtered[:, [0, 1], [0, 1]] * 256, sizes)
+    raw_x = placed[:, 0, 2]
+    assert np.std(np.diff(filtered[:, 0, 2])) < 0.5 * np.std(np.diff(raw_x))
+    # Without sub-pixel placement every placement is a whole-pixel box.
+    whole = _plan(frames, boxes, landmarks, RenderSettings(affine_enabled=False, subpixel_enabled=False))
+    assert all(upright_box(t) is not None for t in whole)
+    assert np.abs(whole - filtered).max() > 0.01
+
+
+def _lag_frames(estimate: np.ndarray, truth: np.ndarray, speed: float) -> np.ndarray:
+    """Per-frame lag (frames) of ``estimate`` behind ``truth`` moving at ``speed`` px/frame."""
+    return (truth - estimate) / speed
+
+
+def test_one_euro_placements_are_zero_phase(face_bgr: np.ndarray, face_landmarks: np.ndarray) -> None:
+    # A head still for 40 frames, gliding right at 0.6 px/frame for 80, still again.
+    rng = np.random.default_rng(5)
+    speed = 0.6
+    x = np.r_[np.zeros(40), speed * np.arange(1, 81), np.full(40, 80 * speed)]
+    box = _box_of(face_landmarks).astype(np.float64)
+    truth = (box[0] + box[2]) / 2 + x
+    boxes = np.rint(box[None] + x[:, None] * [1, 0, 1, 0] + rng.normal(0, 0.7, (len(x), 4))).astype(np.int32)
+    count = len(x)
+    frames = np.repeat(face_bgr[None], count, axis=0)
+    settings = RenderSettings(affine_enabled=False, scale_lock_enabled=False)
+    placed = _plan(frames, boxes, np.repeat(face_landmarks[None], count, axis=0), settings)
+    centre = placed[:, 0, 2] + 127.5 * placed[:, 0, 0] + 0.5  # crop centre, in box coordinates
+    gliding = slice(60, 100)  # inside the moving segment, away from its ends
+    lag = _lag_frames(centre[gliding], truth[gliding], speed).mean()
+    assert abs(lag) < 0.25  # measured 0.02
+    # A causal One-Euro filter over the same boxes trails the motion by more than a frame.
+    causal = OneEuroFilter(settings.one_euro_center, 1 / 25, settings.jump_reset_px)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    forward = np.array([causal(c)[0] for c in centres])
+    assert _lag_frames(forward[gliding], truth[gliding], speed).mean() > 1.0
+    # And the zero-phase placement is still smooth.
+    assert np.std(np.diff(centre[gliding])) < 0.5 * np.std(np.diff(centres[gliding, 0]))
+
+
+def test_placed_box_bounds_a_rotated_placement() -> None:
+    t = box_transform(np.array([200.0, 220.0]), np.array([160.0, 180.0]))
+    turn = cv2.getRotationMatrix2D((200.0, 220.0), 10.0, 1.0)
+    rotated = compose(turn, t)
+    assert upright_box(rotated) is None
+    x1, y1, x2, y2 = placed_box(rotated)
+    # The box's outer edges, in the pixel-centre coordinates the maps use.
+    edges = np.array([[[120.0, 130.0], [280.0, 130.0], [120.0, 310.0], [280.0, 310.0]]]) - 0.5
+    corners = cv2.transform(edges, turn)[0] + 0.5
+    np.testing.assert_allclose([x1, y1], corners.min(axis=0), atol=0.5)
+    np.testing.assert_allclose([x2, y2], corners.max(axis=0), atol=0.5)
 
 
 def test_crop_face_is_upstreams_crop(face_bgr: np.ndarray) -> None:
     box = (180, 190, 352, 400)
     t = box_transform(np.array([266.0, 295.0]), np.array([172.0, 210.0]))
     upstream = cv2.resize(face_bgr[box[1] : box[3], box[0] : box[2]], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+    np.testing.assert_array_equal(crop_face(face_bgr, t), upstream)  # bit-identical
+
+
+def test_crop_face_off_the_frame_replicates_the_edge(face_bgr: np.ndarray) -> None:
+    # A box leaving the frame on the left: sampled as upstream would on an edge-padded frame.
+    t = box_transform(np.array([70.0, 295.0]), np.array([172.0, 210.0]))
+    padded = cv2.copyMakeBorder(face_bgr, 0, 0, 40, 0, cv2.BORDER_REPLICATE)
+    upstream = cv2.resize(padded[190:400, 24:196], (256, 256), interpolation=cv2.INTER_LANCZOS4)  # x -16..156
     diff = np.abs(crop_face(face_bgr, t)[4:-4, 4:-4].astype(int) - upstream[4:-4, 4:-4])
     assert diff.mean() < 1.0
