@@ -23,7 +23,7 @@ import numpy as np
 import scipy.fft
 
 from .avatar import CROP_SIZE
-from .stabilise import snap
+from .stabilise import snap, upright_box
 
 BLEND_MODES: tuple[str, ...] = ("feather", "poisson", "upstream")
 
@@ -40,10 +40,6 @@ def _region(crop_box: np.ndarray | tuple[int, ...], shape: tuple[int, ...]) -> t
     return max(x1, 0), max(y1, 0), min(x2, shape[1]), min(y2, shape[0])
 
 
-def _is_upright_box(t: np.ndarray) -> bool:
-    return t[0, 1] == 0.0 and t[1, 0] == 0.0 and np.allclose(snap(t), t, atol=1e-9, rtol=0)
-
-
 def _place(
     face: np.ndarray, t: np.ndarray, origin: tuple[int, int], size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +49,7 @@ def _place(
     as upstream; anything else through ``cv2.warpAffine`` with an alpha channel.
     """
     w, h = size
-    if _is_upright_box(t):
+    if upright_box(t) is not None:
         bw, bh = int(round(t[0, 0] * CROP_SIZE)), int(round(t[1, 1] * CROP_SIZE))
         bx = int(round(t[0, 2] - 0.5 * t[0, 0] + 0.5)) - origin[0]
         by = int(round(t[1, 2] - 0.5 * t[1, 1] + 0.5)) - origin[1]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .audio import num_frames
 from .avatar import Avatar
-from .config import RenderSettings
 from .errors import AudioError
 from .stabilise import invert
 
@@ -75,11 +75,6 @@ class LiteParams:
     split: float = 0.7
 
 
-def _num_frames(num_samples: int, fps: int) -> int:
-    # Same float arithmetic as upstream (and features.num_frames, which pulls in torch).
-    return math.floor(num_samples / SAMPLE_RATE * fps)
-
-
 def _smoothstep(edge0: np.ndarray | float, edge1: np.ndarray | float, x: np.ndarray) -> np.ndarray:
     t = np.clip((x - edge0) / np.maximum(np.asarray(edge1) - edge0, 1e-6), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
@@ -90,9 +85,7 @@ class LiteRenderer:
 
     name = "lite"
 
-    def __init__(self, settings: RenderSettings | None = None, params: LiteParams | None = None) -> None:
-        # The render settings hold compositing options only; lite uses none of them.
-        self.settings = settings
+    def __init__(self, params: LiteParams | None = None) -> None:
         self.params = params or LiteParams()
 
     # ------------------------------------------------------------------ audio
@@ -106,7 +99,7 @@ class LiteRenderer:
             raise AudioError(f"audio must be mono 1-D samples, got shape {audio.shape}")
         if fps < 1:
             raise ValueError(f"fps must be positive, got {fps}")
-        n = _num_frames(audio.size, fps)
+        n = num_frames(audio.size, fps, SAMPLE_RATE)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         level = self._band_level_db(audio, fps, n)

@@ -55,7 +55,7 @@ def build_renderer(settings: Settings) -> tuple[MouthRenderer, object | None]:
             return MuseTalkRenderer(models), models
     from .lite import LiteRenderer
 
-    return LiteRenderer(settings.render), None
+    return LiteRenderer(), None
 
 
 def latent_encoder(models: object | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
@@ -102,13 +102,11 @@ class Runtime:
         return sorted(self.avatars)
 
     def _startup_avatar(self) -> Avatar:
-        cfg = self.settings.avatar
-        if cfg.video_path is None or cfg.preparation:
-            from .prep import prepare_avatar
+        """The configured avatar; built only for the demo or with ``avatar.preparation``."""
+        from .prep import load_or_prepare
 
-            encoder, vae_id = latent_encoder(self.models)
-            return prepare_avatar(self.settings, encoder=encoder, vae_id=vae_id, progress=False)
-        avatar = load_avatar(cfg.avatar_id, cfg.cache_dir)
+        encoder, vae_id = latent_encoder(self.models)
+        avatar = load_or_prepare(self.settings, encoder=encoder, vae_id=vae_id, progress=False)
         self._check_latents(avatar)
         return avatar
 
@@ -120,6 +118,13 @@ class Runtime:
                 f"avatar {avatar.avatar_id!r} was prepared for another VAE",
                 hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` to rebuild its latents",
             )
+        from .prep import STABILISER_SETTINGS
+
+        wanted = self.settings.render.model_dump(include=set(STABILISER_SETTINGS))
+        if avatar.manifest.get("params", {}).get("stabilise") != wanted:
+            # Crops, latents and placements were cut with the cache's stabilisers; they win.
+            log.warning("avatar %s was prepared with other stabiliser settings; re-run prep to apply the "
+                        "configured ones", avatar.avatar_id)
 
     def _load_other_caches(self) -> None:
         root = Path(self.settings.avatar.cache_dir)

@@ -128,7 +128,7 @@ def boxes_center_size(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def upright_box(transform: np.ndarray) -> tuple[int, int, int, int] | None:
     """The whole-pixel box ``x1,y1,x2,y2`` that ``transform`` places; ``None`` if rotated or fractional."""
     t = np.asarray(transform, dtype=np.float64)
-    if t[0, 1] != 0.0 or t[1, 0] != 0.0 or not np.array_equal(snap(t), t):
+    if t[0, 1] != 0.0 or t[1, 0] != 0.0 or not np.allclose(snap(t), t, atol=1e-9, rtol=0):
         return None
     return placed_box(t)
 

@@ -16,6 +16,18 @@ import soxr
 if TYPE_CHECKING:
     from musetalk_warm.config import Settings
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests need CUDA: they run on the GPU box and are skipped elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 SPEECH_TEXT = "Hello there. This is a short test of the talking head, with a pause, and then more words."
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from musetalk_warm.avatar import CROP_SIZE, Avatar
 from musetalk_warm.errors import AudioError
-from musetalk_warm.features import num_frames
+from musetalk_warm.audio import num_frames
 from musetalk_warm.landmarks import detect_landmarks
 from musetalk_warm.lite import LiteRenderer, crop_landmarks
 from musetalk_warm.stabilise import box_transform, boxes_center_size
