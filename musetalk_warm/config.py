@@ -91,6 +91,7 @@ class RenderSettings(_Section):
     """Batching, compositing and stabilisation (SPEC §3)."""
 
     batch_size: int = Field(16, ge=1, le=256)
+    composite_workers: int = Field(2, ge=1, le=64)
     # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
     blend_mode: Literal["feather", "poisson", "upstream"] = "feather"
     upper_boundary_ratio: float = Field(0.5, ge=0, le=1)

@@ -104,10 +104,21 @@ def _is_oom(exc: BaseException) -> bool:
 class RenderEngine:
     """Batched, pipelined rendering of an avatar speaking an audio clip."""
 
-    def __init__(self, renderer: MouthRenderer, settings: RenderSettings, *, composite_workers: int = 2):
+    def __init__(self, renderer: MouthRenderer, settings: RenderSettings):
         self.renderer = renderer
         self.settings = settings
-        self._composite_pool = ThreadPoolExecutor(composite_workers, thread_name_prefix="composite")
+        # All accelerator work runs on one long-lived thread: CUDA libraries set up
+        # per-thread state (seconds on first use), and one queue shares the device
+        # fairly between concurrent sessions, batch by batch.
+        self._accelerator = ThreadPoolExecutor(1, thread_name_prefix="accelerator")
+        self._composite_pool = ThreadPoolExecutor(settings.composite_workers, thread_name_prefix="composite")
+
+    def warmup(self, avatar: Avatar) -> None:
+        """Render one batch of silence so the first request pays no start-up cost."""
+        frames = max(1, self.settings.batch_size)
+        silence = np.zeros(frames * 16000 // avatar.fps + 1, np.float32)
+        for _ in self.render(silence, avatar, 0):
+            pass
 
     def render(
         self,
@@ -129,7 +140,7 @@ class RenderEngine:
         settings = settings or self.settings
         stats = stats if stats is not None else RenderStats()
         t0 = time.perf_counter()
-        cond = self.renderer.condition(audio, avatar.fps)
+        cond = self._accelerator.submit(self.renderer.condition, audio, avatar.fps).result()
         stats.add("condition_s", time.perf_counter() - t0)
         sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
         yield from self._pipeline(avatar, cond, sources, settings, stats)
@@ -184,39 +195,40 @@ class RenderEngine:
         stats.batch_size = bs
         starts = deque(range(0, len(sources), bs))
         pending: deque[tuple[int, Future[np.ndarray]]] = deque()
-        # One generator thread keeps the accelerator busy while this thread composites.
-        with ThreadPoolExecutor(1, thread_name_prefix="generate") as gen_pool:
-            def submit_next() -> None:
-                if starts:
-                    s = starts.popleft()
-                    pending.append(
-                        (s, gen_pool.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats))
-                    )
 
-            submit_next()
-            submit_next()
-            try:
-                while pending:
-                    s, fut = pending.popleft()
-                    faces = fut.result()
-                    submit_next()
-                    t0 = time.perf_counter()
-                    frames = list(
-                        self._composite_pool.map(
-                            self._composite_one,
-                            [avatar] * len(faces),
-                            faces,
-                            sources[s : s + len(faces)].tolist(),
-                            [settings] * len(faces),
-                        )
+        # Two batches queued on the accelerator while this thread composites the current one.
+        def submit_next() -> None:
+            if starts:
+                s = starts.popleft()
+                pending.append(
+                    (s, self._accelerator.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats))
+                )
+
+        submit_next()
+        submit_next()
+        try:
+            while pending:
+                s, fut = pending.popleft()
+                faces = fut.result()
+                submit_next()
+                t0 = time.perf_counter()
+                frames = list(
+                    self._composite_pool.map(
+                        self._composite_one,
+                        [avatar] * len(faces),
+                        faces,
+                        sources[s : s + len(faces)].tolist(),
+                        [settings] * len(faces),
                     )
-                    stats.add("composite_s", time.perf_counter() - t0)
-                    stats.frames += len(frames)
-                    yield from frames
-            finally:
-                for _, fut in pending:
-                    fut.cancel()
+                )
+                stats.add("composite_s", time.perf_counter() - t0)
+                stats.frames += len(frames)
+                yield from frames
+        finally:
+            for _, fut in pending:
+                fut.cancel()
 
     def close(self) -> None:
-        """Stop the compositing threads."""
+        """Stop the accelerator and compositing threads."""
+        self._accelerator.shutdown(wait=False, cancel_futures=True)
         self._composite_pool.shutdown(wait=False, cancel_futures=True)

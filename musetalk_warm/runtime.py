@@ -85,6 +85,7 @@ class Runtime:
         runtime = cls(settings, renderer, models, {})
         runtime.avatars[settings.avatar.avatar_id] = runtime._startup_avatar()
         runtime._load_other_caches()
+        runtime.engine.warmup(runtime.avatars[settings.avatar.avatar_id])
         log.info("runtime ready: renderer=%s device=%s avatars=%s",
                  renderer.name, runtime.device, sorted(runtime.avatars))
         return runtime

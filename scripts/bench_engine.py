@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    torch.backends.cudnn.benchmark = True
     models = build_models(args.preset, device, dtype)
     avatar = synthetic_avatar(models, args.width, args.height, frames=50)
     report: dict[str, Any] = {
