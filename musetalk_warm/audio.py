@@ -1,7 +1,7 @@
 """Any audio upload (bytes or a path, any container/codec FFmpeg reads) → validated
 mono float32 at a requested rate.
 
-Decoding goes through PyAV (:func:`musetalk_warm.media.decode_audio`), so no ffmpeg
+Decoding goes through PyAV (:func:`musetalk_warm.decode.decode_audio`), so no ffmpeg
 process is spawned. Resampling uses soxr at HQ quality: it is what upstream
 MuseTalk's ``librosa.load(sr=16000)`` applies by default (``res_type="soxr_hq"``), so
 the Whisper features match upstream; PyAV's swresample would differ slightly.
@@ -16,7 +16,7 @@ import numpy as np
 import soxr
 
 from .errors import AudioError
-from .media import decode_audio
+from .decode import decode_audio
 
 
 def load_audio(

@@ -8,11 +8,9 @@ json manifest; never pickle).
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -20,6 +18,7 @@ from safetensors import numpy as st_numpy
 
 from .config import safe_name
 from .errors import AvatarCacheError
+from .files import atomic_write_stream
 
 CROP_SIZE = 256
 
@@ -88,16 +87,6 @@ def _hint(avatar_id: str) -> str:
     return _PREP_HINT.format(id=avatar_id)
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _mask_key(index: int) -> str:
     return f"mask_{index:06d}"
 
@@ -121,10 +110,10 @@ def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
     if avatar.latents is not None:
         arrays["latents"] = np.ascontiguousarray(avatar.latents, dtype=np.float32)
     masks = {_mask_key(i): np.ascontiguousarray(m, dtype=np.uint8) for i, m in enumerate(avatar.masks)}
-    _write_atomic(folder / _FRAMES, lambda fh: np.save(fh, np.asarray(avatar.frames), allow_pickle=False))
-    _write_atomic(folder / _CROPS, lambda fh: np.save(fh, np.asarray(avatar.crops), allow_pickle=False))
-    _write_atomic(folder / _ARRAYS, lambda fh: fh.write(st_numpy.save(arrays)))
-    _write_atomic(folder / _MASKS, lambda fh: fh.write(st_numpy.save(masks)))
+    atomic_write_stream(folder / _FRAMES, lambda fh: np.save(fh, np.asarray(avatar.frames), allow_pickle=False))
+    atomic_write_stream(folder / _CROPS, lambda fh: np.save(fh, np.asarray(avatar.crops), allow_pickle=False))
+    atomic_write_stream(folder / _ARRAYS, lambda fh: fh.write(st_numpy.save(arrays)))
+    atomic_write_stream(folder / _MASKS, lambda fh: fh.write(st_numpy.save(masks)))
     manifest = {
         **avatar.manifest,
         "format_version": FORMAT_VERSION,
@@ -135,7 +124,7 @@ def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
         "has_latents": avatar.latents is not None,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    _write_atomic(folder / MANIFEST, lambda fh: fh.write(text.encode()))
+    atomic_write_stream(folder / MANIFEST, lambda fh: fh.write(text.encode()))
     return folder
 
 

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -25,9 +26,19 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Like :func:`atomic_write`, with ``write`` given the open binary temp file."""
+
+    def to_tmp(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    atomic_write(path, to_tmp)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write_stream(path, lambda handle: handle.write(data))
 
 
 def fsync_dir(folder: Path) -> None:

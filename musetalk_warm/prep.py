@@ -98,7 +98,7 @@ def read_frames(source: Source, settings: Settings) -> np.ndarray:
         if image is None:
             raise BadInput(f"avatar image {source.name} cannot be read")
         return image[None]
-    from .media import iter_video_frames
+    from .decode import iter_video_frames
 
     frames = list(islice(iter_video_frames(source.path, cfg.fps), limit))
     if not frames:

@@ -16,7 +16,8 @@ from musetalk_warm.config import RenderSettings
 from musetalk_warm.engine import MuseTalkRenderer, RenderEngine, RenderStats
 from musetalk_warm.errors import AudioError, AvatarCacheError, NotFound, ResourceExhausted
 from musetalk_warm.lite import LiteRenderer
-from musetalk_warm.media import probe, write_clip_mp4
+from musetalk_warm.decode import probe
+from musetalk_warm.media import write_clip_mp4
 from musetalk_warm.runtime import Runtime
 from musetalk_warm.stabilise import box_transform
 

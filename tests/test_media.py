@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm import fmp4, media, session_video
+from musetalk_warm import decode, fmp4, media, session_video
 from musetalk_warm.config import MediaSettings
 from musetalk_warm.errors import DependencyMissing, MediaError
 from musetalk_warm.fmp4 import iter_boxes
@@ -98,7 +98,7 @@ def test_clip_is_browser_h264_aac_and_decodes(tmp_path: Path) -> None:
     assert (clip.frame_count, clip.sample_count, clip.duration) == (48, len(audio), 1.92)
     path = media.write_clip_mp4(clip, tmp_path / "clip.mp4")
 
-    info = media.probe(path)
+    info = decode.probe(path)
     assert (info.video_codec, info.pix_fmt, info.profile) == ("h264", "yuv420p", "High")
     assert (info.width, info.height, info.fps, info.frame_count) == (320, 240, 25.0, 48)
     assert (info.audio_codec, info.sample_rate, info.channels) == ("aac", RATE, 1)
@@ -157,7 +157,7 @@ def test_clip_fragments_are_gops_and_stream_as_they_are_made() -> None:
 def test_odd_frame_size_is_padded_to_even(tmp_path: Path) -> None:
     frames = [frame(i, 63, 45) for i in range(8)]
     path = media.write_clip_mp4(encode(frames, tone(8)), tmp_path / "odd.mp4")
-    info = media.probe(path)
+    info = decode.probe(path)
     assert (info.width, info.height, info.frame_count) == (64, 46, 8)
     decoded, _ = decode_all(path)
     assert min(psnr(d[:45, :63], f) for d, f in zip(decoded, frames, strict=True)) > 30
@@ -225,7 +225,7 @@ def _source_video(path: Path, n: int, rate: int) -> None:
 def test_iter_video_frames_resamples_like_ffmpeg(tmp_path: Path, fps: float) -> None:
     src = tmp_path / "src30.mp4"
     _source_video(src, 45, 30)
-    native = list(media.iter_video_frames(src))
+    native = list(decode.iter_video_frames(src))
     assert len(native) == 45 and native[0].shape == (48, 64, 3) and native[0].dtype == np.uint8
 
     stack = np.stack(native).astype(np.float32)
@@ -233,7 +233,7 @@ def test_iter_video_frames_resamples_like_ffmpeg(tmp_path: Path, fps: float) -> 
     def which(img: np.ndarray) -> int:
         return int(np.abs(stack - img).mean(axis=(1, 2, 3)).argmin())
 
-    ours = [which(img) for img in media.iter_video_frames(src, fps=fps)]
+    ours = [which(img) for img in decode.iter_video_frames(src, fps=fps)]
     raw = subprocess.run(
         [
             shutil.which("ffmpeg") or "ffmpeg",
@@ -259,12 +259,12 @@ def test_iter_video_frames_resamples_like_ffmpeg(tmp_path: Path, fps: float) -> 
 
 def test_iter_video_frames_errors(tmp_path: Path) -> None:
     with pytest.raises(MediaError, match="not found: nope.mp4") as err:
-        next(media.iter_video_frames(tmp_path / "nope.mp4"))
+        next(decode.iter_video_frames(tmp_path / "nope.mp4"))
     assert str(tmp_path) not in str(err.value)
     bad = tmp_path / "bad.mp4"
     bad.write_text("not a video at all\n" * 20)
     with pytest.raises(MediaError, match="bad.mp4 cannot be read") as err:
-        next(media.iter_video_frames(bad))
+        next(decode.iter_video_frames(bad))
     assert str(tmp_path) not in str(err.value)
     sound = tmp_path / "sound.mp4"
     media.write_clip_mp4(encode([frame(i, 64, 64) for i in range(8)], tone(8)), sound)
@@ -275,7 +275,7 @@ def test_iter_video_frames_errors(tmp_path: Path) -> None:
                 packet.stream = stream
                 out.mux(packet)
     with pytest.raises(MediaError, match="no video stream"):
-        next(media.iter_video_frames(tmp_path / "audio.m4a"))
+        next(decode.iter_video_frames(tmp_path / "audio.m4a"))
 
 
 def _clips(count: int) -> list[tuple[list[np.ndarray], np.ndarray]]:
@@ -308,7 +308,7 @@ def test_hundred_appends_stay_gapless_and_flat(tmp_path: Path) -> None:
     assert session.duration == pytest.approx(32.0)
     assert np.mean(times[-10:]) < 3 * np.mean(times[:10]) + 0.005, times
 
-    info = media.probe(path)
+    info = decode.probe(path)
     assert info.frame_count == 800
     assert abs(info.audio_duration - info.video_duration) < 1 / FPS
     assert abs(info.duration - 32.0) < 0.04 and abs(info.video_duration - 32.0) < 0.04
@@ -343,7 +343,7 @@ def test_hundred_appends_stay_gapless_and_flat(tmp_path: Path) -> None:
     plain = session.export_plain(tmp_path / "full_conversation.mp4")
     kinds = [b.kind for b in iter_boxes(plain.read_bytes())]
     assert b"moof" not in kinds and kinds.index(b"moov") < kinds.index(b"mdat")  # faststart
-    exported = media.probe(plain)
+    exported = decode.probe(plain)
     assert exported.frame_count == 800 and abs(exported.duration - info.duration) < 0.04
     assert abs(exported.audio_duration - exported.video_duration) < 1 / FPS
     stamp = plain.stat().st_mtime_ns
@@ -355,11 +355,11 @@ def test_reopen_continues_and_export_refreshes(tmp_path: Path) -> None:
     clips = _clips(4)
     _session(path, clips[:2])
     first = SessionVideo(path).export_plain(tmp_path / "out.mp4")
-    assert media.probe(first).frame_count == 16
+    assert decode.probe(first).frame_count == 16
     session, _ = _session(path, clips[2:])  # a new object: state comes from the index
     assert session.clip_count == 4
     assert (session.frame_count, session.duration) == (32, pytest.approx(1.28))
-    assert media.probe(session.export_plain(tmp_path / "out.mp4")).frame_count == 32
+    assert decode.probe(session.export_plain(tmp_path / "out.mp4")).frame_count == 32
     decoded, _ = decode_all(path)
     assert len(decoded) == 32
 
