@@ -31,6 +31,21 @@ def load_audio(
     Raises :class:`AudioError` for empty, unreadable, non-audio or corrupt input, and
     for audio shorter than ``min_seconds`` or longer than ``max_seconds``.
     """
+    mono, native = load_audio_native(source, min_seconds=min_seconds, max_seconds=max_seconds)
+    return resample(mono, native, rate)
+
+
+def load_audio_native(
+    source: bytes | str | Path,
+    *,
+    min_seconds: float = 0.04,
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Like :func:`load_audio` at the file's own rate: ``(mono float32, rate)``.
+
+    Resampling once from the native rate to each target keeps the 16 kHz features
+    identical to upstream's ``librosa.load(path, sr=16000)``.
+    """
     blocks, native = decode_audio(source, max_seconds)
     mono = np.concatenate([block.mean(axis=0) for block in blocks]).astype(np.float32)
     seconds = len(mono) / native
@@ -40,7 +55,7 @@ def load_audio(
         raise AudioError(f"audio is {seconds:.1f} s long; the maximum is {max_seconds:g} s")
     if not np.isfinite(mono).all():
         raise AudioError("audio holds invalid (NaN or infinite) samples")
-    return resample(mono, native, rate)
+    return mono, native
 
 
 def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

@@ -18,14 +18,17 @@ composited from worker threads.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import cv2
 import numpy as np
 import scipy.fft
 
 from .avatar import CROP_SIZE
+from .config import BlendMode
 from .stabilise import snap, upright_box
 
-BLEND_MODES: tuple[str, ...] = ("feather", "poisson", "upstream")
+BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 
 _FOOTPRINT_MARGIN = np.ones((9, 9), np.uint8)
 _ERODE = np.ones((3, 3), np.uint8)

@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     except MuseTalkWarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

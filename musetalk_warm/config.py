@@ -31,6 +31,10 @@ ENV_CONFIG = f"{ENV_PREFIX}CONFIG"
 _YAML_PATH: ContextVar[Path | None] = ContextVar("yaml_path", default=None)
 
 
+# upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
+BlendMode = Literal["feather", "poisson", "upstream"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,8 +96,7 @@ class RenderSettings(_Section):
 
     batch_size: int = Field(16, ge=1, le=256)
     composite_workers: int = Field(2, ge=1, le=64)
-    # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
-    blend_mode: Literal["feather", "poisson", "upstream"] = "feather"
+    blend_mode: BlendMode = "feather"
     upper_boundary_ratio: float = Field(0.5, ge=0, le=1)
     expand: float = Field(1.5, ge=1.0, le=3.0)
     blur_ratio: float = Field(0.1, gt=0, le=0.5)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Settings, safe_name
+from .config import RenderSettings, Settings, safe_name
 from .errors import BadInput, MediaError, NotFound
 from .files import atomic_write_bytes
 from .media import write_clip_mp4
@@ -226,6 +226,7 @@ class SessionStore:
         *,
         out_audio: np.ndarray | None = None,
         create: bool = True,
+        render: RenderSettings | None = None,
     ) -> SpeakResult:
         """Render speech as the session's next clip and append it, all or nothing.
 
@@ -247,7 +248,7 @@ class SessionStore:
                 )
             video = self._video(session_id, state)
             rendered = runtime.render_clip(
-                audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail
+                audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail, render=render
             )
             timings = dict(rendered.timings)
             index = state.clips + 1

@@ -24,6 +24,7 @@ python=${PYTHON:-python3}
   echo "Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch is pinned to the CPU build by pyproject; install the GPU extra yourself on a CUDA box.
+# torch is pinned to 2.13.0. On a CUDA machine, install a CUDA build of that version into
+# .venv first (see README, "Real MuseTalk weights"); pip then keeps it.
 .venv/bin/python -m pip install -q -e ".[test]"
 echo "installed: $(.venv/bin/musetalk-warm --version)"

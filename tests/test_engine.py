@@ -198,3 +198,22 @@ def test_user_errors(lite_runtime: Runtime) -> None:
         lite_runtime.render_clip(np.zeros(16000, np.float32), "nobody", 0)
     with pytest.raises(AudioError, match="shorter than one video frame"):
         lite_runtime.render_clip(np.zeros(500, np.float32), None, 0)
+
+
+def test_blend_mode_is_chosen_per_render(lite_runtime: Runtime, speech_16k: np.ndarray) -> None:
+    avatar = lite_runtime.avatar(None)
+    audio = speech_16k[8000:16000]
+    base = lite_runtime.settings.render
+    by_mode = {
+        mode: list(lite_runtime.engine.render(audio, avatar, 3, settings=base.model_copy(update={"blend_mode": mode})))
+        for mode in ("feather", "poisson", "upstream")
+    }
+    for i in range(len(by_mode["feather"])):
+        src = int(avatar.source_index(3 + i))
+        frames = [by_mode[m][i] for m in by_mode]
+        # Same pixels outside the crop box, different blending inside it.
+        outside = [_outside_crop(f, avatar.crop_boxes[src]) for f in frames]
+        np.testing.assert_array_equal(outside[0], outside[1])
+        np.testing.assert_array_equal(outside[0], outside[2])
+    assert not np.array_equal(by_mode["feather"][5], by_mode["poisson"][5])
+    assert not np.array_equal(by_mode["feather"][5], by_mode["upstream"][5])

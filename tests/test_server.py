@@ -185,6 +185,8 @@ def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path
         (client.post("/speak", data=s, files={"audio": ("a.wav", b"", "audio/wav")}), 422, "bad_audio", "empty"),
         (client.post("/speak", data=s, files={"audio": ("big.wav", bytes(MAX_UPLOAD + 70_000), "audio/wav")}),
          413, "payload_too_large", "larger than"),
+        (client.post("/speak", json={"text": "Hi.", "blend_mode": "smear", **s}), 422, "bad_input", "blend_mode"),
+        (client.post("/speak", data={"text": "Hi.", "blend_mode": "smear", **s}), 400, "bad_input", "blend_mode"),
         (client.post("/speak", json={"text": "Hi.", "avatar_id": "nobody", **s}), 404, "not_found", "nobody"),
         (client.post("/speak", json={"text": "Hi.", "session_id": "missing"}), 404, "not_found", "missing"),
         (client.post("/speak", json={"text": "Hi.", "session_id": "../escape"}), 400, "bad_input", "session_id"),
@@ -196,6 +198,24 @@ def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path
         body = _assert_clean_error(response, status, code, root)
         assert words in body["message"], body
     assert snapshot(folder) == before
+
+
+def test_blend_mode_per_request(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    warm = client.app.state.warm
+    seen: list[str | None] = []
+    speak = warm.store.speak
+
+    def spy(*args: object, **kwargs: object) -> object:
+        render = kwargs.get("render")
+        seen.append(getattr(render, "blend_mode", None))
+        return speak(*args, **kwargs)
+
+    monkeypatch.setattr(warm.store, "speak", spy)
+    client.post("/reset", json={"session_id": "blends"})
+    assert client.post("/speak", json={"text": "Smooth.", "session_id": "blends", "blend_mode": "poisson"}).status_code == 200
+    assert client.post("/speak", data={"text": "Plain.", "session_id": "blends", "blend_mode": "upstream"}).status_code == 200
+    assert client.post("/speak", json={"text": "Default.", "session_id": "blends"}).status_code == 200
+    assert seen == ["poisson", "upstream", None]
 
 
 def test_unexpected_error_is_a_clean_500(client: TestClient, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..config import BlendMode
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -17,6 +19,7 @@ class SpeakRequest(_Body):
     text: str = Field(description="what to say; spoken by the configured TTS engine")
     avatar_id: str | None = Field(None, description="a loaded avatar; default: the session's or the configured one")
     session_id: str | None = Field(None, description="an existing session; default: the default session")
+    blend_mode: BlendMode | None = Field(None, description="paste-back for this clip; default: render.blend_mode")
 
 
 class SpeakResponse(BaseModel):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 import numpy as np
 
-from ..audio import load_audio, resample
+from ..audio import load_audio_native, resample
 from ..errors import TextError
 from ..session import SpeakResult, check_session_id
 from .schemas import SpeakResponse
@@ -32,6 +32,7 @@ class Utterance:
     audio: bytes | None = None
     avatar_id: str | None = None
     session_id: str | None = None
+    blend_mode: str | None = None
 
 
 def check_text(text: str, max_chars: int) -> str:
@@ -58,11 +59,10 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
         samples, rate = tts.synthesize(utterance.text)
         timings["tts"] = time.perf_counter() - t0
     else:
-        samples = load_audio(
-            utterance.audio or b"", out_rate,
+        samples, rate = load_audio_native(
+            utterance.audio or b"",
             min_seconds=1.0 / settings.avatar.fps, max_seconds=settings.server.max_audio_seconds,
         )
-        rate = out_rate
     t1 = time.perf_counter()
     speech16k = resample(samples, rate, AUDIO_RATE)
     track = resample(samples, rate, out_rate)
@@ -74,9 +74,12 @@ def _speak_sync(warm: Warm, utterance: Utterance, session_id: str) -> tuple[Spea
     t0 = time.perf_counter()
     speech16k, track, timings = _speech(warm, utterance)
     runtime, _ = warm.require_ready()
+    render = None
+    if utterance.blend_mode is not None:
+        render = warm.settings.render.model_copy(update={"blend_mode": utterance.blend_mode})
     result = warm.store.speak(
         session_id, speech16k, utterance.avatar_id, runtime,
-        out_audio=track, create=utterance.session_id is None,
+        out_audio=track, create=utterance.session_id is None, render=render,
     )
     for stage, seconds in result.timings.items():
         # The runtime's own "audio" (padding) adds to decoding/resampling.
@@ -90,10 +93,7 @@ async def speak(warm: Warm, utterance: Utterance, urls: SessionURLs) -> SpeakRes
     runtime, _ = warm.require_ready()
     settings = warm.settings
     if utterance.text is not None:
-        utterance = Utterance(
-            check_text(utterance.text, settings.server.max_text_chars),
-            None, utterance.avatar_id, utterance.session_id,
-        )
+        utterance = replace(utterance, text=check_text(utterance.text, settings.server.max_text_chars))
     session_id = check_session_id(utterance.session_id or settings.server.default_session)
     if utterance.session_id is not None:
         warm.store.require(session_id)  # NotFound before any work

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from ...blend import BLEND_MODES
 from ...errors import AudioError, BadInput
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, SpeakRequest, SpeakResponse
@@ -26,6 +27,7 @@ _MULTIPART_SCHEMA = {
         "text": {"type": "string", "description": "used when no audio file is sent"},
         "avatar_id": {"type": "string"},
         "session_id": {"type": "string"},
+        "blend_mode": {"type": "string", "enum": list(BLEND_MODES)},
     },
 }
 _OPENAPI_BODY = {
@@ -39,21 +41,23 @@ _OPENAPI_BODY = {
 }
 
 
-async def _from_multipart(request: Request) -> Utterance:
+async def _from_form(request: Request) -> Utterance:
     form = await request.form(max_files=1, max_fields=8)
     fields: dict[str, str | None] = {}
-    for key in ("text", "avatar_id", "session_id"):
+    for key in ("text", "avatar_id", "session_id", "blend_mode"):
         value = form.get(key)
         fields[key] = value if isinstance(value, str) and value.strip() else None
+    if fields["blend_mode"] not in (None, *BLEND_MODES):
+        raise BadInput(f"blend_mode must be one of {', '.join(BLEND_MODES)}, got {fields['blend_mode']!r}")
     upload = form.get("audio") or form.get("file")
     if isinstance(upload, UploadFile):
         data = await upload.read()
         if not data:
             raise AudioError("the uploaded audio file is empty")
-        return Utterance(None, data, fields["avatar_id"], fields["session_id"])
+        return Utterance(None, data, fields["avatar_id"], fields["session_id"], fields["blend_mode"])
     if fields["text"] is None:
         raise BadInput("send an audio file in the 'audio' field or a 'text' field")
-    return Utterance(fields["text"], None, fields["avatar_id"], fields["session_id"])
+    return Utterance(fields["text"], None, fields["avatar_id"], fields["session_id"], fields["blend_mode"])
 
 
 async def _from_json(request: Request) -> Utterance:
@@ -61,7 +65,7 @@ async def _from_json(request: Request) -> Utterance:
         body = SpeakRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
-    return Utterance(body.text, None, body.avatar_id, body.session_id)
+    return Utterance(body.text, None, body.avatar_id, body.session_id, body.blend_mode)
 
 
 @router.post(
@@ -73,8 +77,8 @@ async def _from_json(request: Request) -> Utterance:
 )
 async def speak_route(request: Request, warm: WarmDep) -> SpeakResponse:
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        utterance = await _from_multipart(request)
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        utterance = await _from_form(request)
     else:
         utterance = await _from_json(request)
     return await speak(warm, utterance, SessionURLs(request.app.url_path_for))
