@@ -154,6 +154,7 @@ class ServerSettings(_Section):
     cors_origins: tuple[str, ...] = ()
     llm_url: str | None = None
     llm_model: str = "gpt-4o-mini"
+    llm_api_key: str | None = None
 
 
 class Settings(BaseSettings):
