@@ -9,13 +9,14 @@ the Whisper features match upstream; PyAV's swresample would differ slightly.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import soxr
 
 from .errors import AudioError
+
+SAMPLE_RATE = 16000  # what Whisper and the renderers take
 from .decode import decode_audio
 
 
@@ -66,6 +67,15 @@ def resample(audio: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     return soxr.resample(audio, src_rate, dst_rate, quality="HQ").astype(np.float32, copy=False)
 
 
-def num_frames(n_samples: int, fps: int, rate: int = 16000) -> int:
-    """Video frames for ``n_samples`` of audio: ``floor(n/rate*fps)`` in float arithmetic (upstream)."""
-    return math.floor(n_samples / rate * fps)
+def num_frames(n_samples: int, fps: int, rate: int = SAMPLE_RATE) -> int:
+    """Video frames for ``n_samples`` of audio: ``floor(n·fps/rate)``, in exact integer arithmetic.
+
+    Upstream computes ``floor(n/rate*fps)`` in floats, which loses the last frame
+    when the product is a whole number that floats round down (9.28 s at 25 fps).
+    """
+    return n_samples * fps // rate
+
+
+def speech_tracks(samples: np.ndarray, rate: int, out_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same speech for the models (16 kHz) and for the output track, each resampled once."""
+    return resample(samples, rate, SAMPLE_RATE), resample(samples, rate, out_rate)

@@ -94,19 +94,18 @@ def _cmd_prep(args: argparse.Namespace) -> None:
 def _speech(settings: Settings, text: str | None, audio_path: str | None) -> tuple[Any, int]:
     """(samples, rate) from an audio file or from text via the configured TTS."""
     if audio_path:
-        from .audio import load_audio
+        from .audio import load_audio_native
 
-        rate = settings.media.audio_rate
-        return load_audio(Path(audio_path), rate), rate
+        return load_audio_native(Path(audio_path), max_seconds=settings.server.max_audio_seconds)
     from .tts import load_tts
 
     return load_tts(settings.tts).synthesize(text or DEMO_TEXT)
 
 
 def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str | None) -> dict[str, Any]:
-    from .audio import resample
+    from .audio import speech_tracks
     from .media import write_clip_mp4
-    from .runtime import AUDIO_RATE, Runtime
+    from .runtime import Runtime
 
     t0 = time.perf_counter()
     runtime = Runtime.load(settings)
@@ -114,10 +113,8 @@ def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str 
     try:
         samples, rate = _speech(settings, text, audio_path)
         t1 = time.perf_counter()
-        result = runtime.render_clip(
-            resample(samples, rate, AUDIO_RATE), None, 0,
-            out_audio=resample(samples, rate, settings.media.audio_rate),
-        )
+        speech16k, track = speech_tracks(samples, rate, settings.media.audio_rate)
+        result = runtime.render_clip(speech16k, None, 0, out_audio=track)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_clip_mp4(result.clip, out)
         return {

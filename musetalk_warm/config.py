@@ -8,6 +8,7 @@ section and key, e.g. ``MUSETALK_WARM_RENDER__BATCH_SIZE=8``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextvars import ContextVar
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +30,21 @@ DEFAULT_CONFIG = Path("configs/inference/realtime_live.yaml")
 ENV_PREFIX = "MUSETALK_WARM_"
 ENV_CONFIG = f"{ENV_PREFIX}CONFIG"
 _YAML_PATH: ContextVar[Path | None] = ContextVar("yaml_path", default=None)
+
+
+AAC_FRAME = 1024  # samples per AAC-LC frame
+MAX_QUANTUM_S = 1.0
+
+
+def clip_quantum(fps: int, rate: int) -> int:
+    """Output samples in the shortest clip that is a whole number of video frames and AAC frames.
+
+    Every clip is padded with silence to a multiple of this, so appended clips stay
+    gapless and in sync (320 ms at 25 fps for 16, 32 or 48 kHz).
+    """
+    if rate % fps:
+        raise ConfigError(f"media.audio_rate {rate} is not a whole number of samples per frame at {fps} fps")
+    return math.lcm(rate // fps, AAC_FRAME)
 
 
 # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
@@ -119,9 +135,6 @@ class MediaSettings(_Section):
     gop_seconds: float = Field(1.0, gt=0)
     audio_rate: int = 48000
     audio_bitrate: int = 96000
-    # Each clip is padded with silence to a multiple of this, a whole number of
-    # video frames and AAC frames, so appends stay gapless.
-    clip_quantum_ms: int = 320
 
     @field_validator("audio_rate")
     @classmethod
@@ -174,6 +187,18 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     tts: TTSSettings = TTSSettings()
     server: ServerSettings = ServerSettings()
+
+    @model_validator(mode="after")
+    def _gapless_clips(self) -> Settings:
+        fps, rate = self.avatar.fps, self.media.audio_rate
+        seconds = clip_quantum(fps, rate) / rate
+        if seconds > MAX_QUANTUM_S:
+            raise ValueError(
+                f"avatar.fps {fps} with media.audio_rate {rate} would pad every clip to a multiple of "
+                f"{seconds:.2f} s (whole video and AAC frames); use 25 fps (16000, 32000 or 48000 Hz) "
+                f"or 30 fps (48000 Hz)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -14,11 +14,10 @@ import math
 import numpy as np
 import torch
 
-from .audio import num_frames
+from .audio import SAMPLE_RATE, num_frames
 from .errors import AudioError
 from .models import Models
 
-SAMPLE_RATE = 16000
 FEATURE_RATE = 50  # Whisper encoder steps per second
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE
 PAD_LEFT = PAD_RIGHT = 2  # upstream audio_padding_length_left / _right
@@ -26,8 +25,8 @@ WINDOW = 2 * (PAD_LEFT + PAD_RIGHT + 1)  # feature steps per video frame
 
 
 def feature_steps(n_samples: int) -> int:
-    """Whisper steps kept for ``n_samples`` of 16 kHz audio: ``floor(n/16000*50)``."""
-    return math.floor(n_samples / SAMPLE_RATE * FEATURE_RATE)
+    """Whisper steps kept for ``n_samples`` of 16 kHz audio: ``floor(n·50/16000)`` (exact integers)."""
+    return n_samples * FEATURE_RATE // SAMPLE_RATE
 
 
 def _mono(audio16k: np.ndarray) -> np.ndarray:

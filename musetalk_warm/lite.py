@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .audio import num_frames
+from .audio import SAMPLE_RATE, num_frames
 from .avatar import Avatar
 from .errors import AudioError
 from .stabilise import invert
 
-SAMPLE_RATE = 16000
 
 # iBUG-68 indices (frame left to right).
 _INNER_UPPER = [60, 61, 62, 63, 64]
@@ -99,7 +98,7 @@ class LiteRenderer:
             raise AudioError(f"audio must be mono 1-D samples, got shape {audio.shape}")
         if fps < 1:
             raise ValueError(f"fps must be positive, got {fps}")
-        n = num_frames(audio.size, fps, SAMPLE_RATE)
+        n = num_frames(audio.size, fps)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         level = self._band_level_db(audio, fps, n)

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .config import MediaSettings
+from .config import AAC_FRAME, MediaSettings
 from .decode import ffmpeg_reason
 from .errors import DependencyMissing, MediaError
 from .fmp4 import EncodedClip, Fragment, Track, iter_boxes, parse_fragment, parse_init, remux_plain
@@ -26,32 +26,20 @@ from .fmp4 import EncodedClip, Fragment, Track, iter_boxes, parse_fragment, pars
 _FRAGMENTED = "frag_keyframe+empty_moov+default_base_moof"
 
 
-AAC_FRAME = 1024
 # Encoder context before each clip: covers the AAC priming frame and the MDCT
 # overlap, so the first kept packet was encoded with the real preceding audio.
 AAC_CONTEXT_SAMPLES = 2 * AAC_FRAME
 
 
-def quantum_samples(rate: int, quantum_ms: int) -> int:
-    """Samples in one clip quantum at ``rate``."""
-    samples = rate * quantum_ms / 1000
-    if samples != int(samples) or samples <= 0:
-        raise MediaError(f"clip quantum of {quantum_ms} ms is not a whole number of samples at {rate} Hz")
-    return int(samples)
+def pad_to(audio: np.ndarray, length: int) -> np.ndarray:
+    """Mono float32 ``audio`` with trailing silence (or trimmed) to exactly ``length`` samples."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)[:length]
+    return np.pad(audio, (0, length - len(audio)))
 
 
-def pad_to_quantum(audio: np.ndarray, rate: int, quantum_ms: int, *, length: int | None = None) -> np.ndarray:
-    """``audio`` with trailing silence up to a whole number of quanta (at least one).
-
-    With ``length`` (a whole number of quanta), the result has exactly that many
-    samples: padded, or trimmed when a resampler returned a few samples more.
-    """
-    quantum = quantum_samples(rate, quantum_ms)
-    target = max(1, math.ceil(len(audio) / quantum)) * quantum if length is None else length
-    if target % quantum or target <= 0:
-        raise MediaError(f"length {target} is not a whole number of {quantum}-sample quanta")
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)[:target]
-    return np.pad(audio, (0, target - len(audio)))
+def pad_to_quantum(audio: np.ndarray, quantum: int) -> np.ndarray:
+    """``audio`` with trailing silence up to a whole number of ``quantum`` samples (at least one)."""
+    return pad_to(audio, max(1, math.ceil(len(audio) / quantum)) * quantum)
 
 
 def require_encoders(settings: MediaSettings) -> None:
@@ -121,7 +109,7 @@ class ClipEncoder:
     GOP; BT.709 limited range; odd sizes are padded to even by repeating the edge.
 
     Gapless audio: the audio must be a whole number of video frames and of 1024-sample
-    AAC frames (see :func:`pad_to_quantum`). The AAC encoder first receives 2048
+    AAC frames (see :func:`musetalk_warm.config.clip_quantum`). The AAC encoder first receives 2048
     samples of context (``prev_tail``, the end of the previous clip's audio, or
     silence), then the clip; the packets covering the context, including the
     encoder's priming frame, are dropped and the rest restamped from 0. Each clip so
@@ -151,7 +139,7 @@ class ClipEncoder:
             raise MediaError(
                 f"clip audio of {len(audio)} samples at {self._rate} Hz is not a whole number of "
                 f"video frames at {float(self._fps):g} fps and of {AAC_FRAME}-sample AAC frames",
-                hint="pad it with pad_to_quantum() before rendering",
+                hint="pad it to a multiple of config.clip_quantum(fps, rate) before rendering",
             )
         self.expected_frames = int(frames)
         self._size = (width, height)

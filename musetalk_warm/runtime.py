@@ -10,6 +10,7 @@ time: caches are loaded (or, for the built-in demo avatar and with
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,13 +22,12 @@ import numpy as np
 from . import media
 from .audio import resample
 from .avatar import Avatar, load_avatar
-from .config import RenderSettings, Settings
+from .config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
 from .errors import AudioError, AvatarCacheError, NotFound, WeightsMissing
-from .audio import num_frames
+from .audio import SAMPLE_RATE, num_frames
 
 log = logging.getLogger(__name__)
-AUDIO_RATE = 16000
 
 
 @dataclass
@@ -108,10 +108,17 @@ class Runtime:
 
         encoder, vae_id = latent_encoder(self.models)
         avatar = load_or_prepare(self.settings, encoder=encoder, vae_id=vae_id, progress=False)
-        self._check_latents(avatar)
+        self._check_avatar(avatar)
         return avatar
 
-    def _check_latents(self, avatar: Avatar) -> None:
+    def _check_avatar(self, avatar: Avatar) -> None:
+        rate = self.settings.media.audio_rate
+        if clip_quantum(avatar.fps, rate) / rate > MAX_QUANTUM_S:
+            raise AvatarCacheError(
+                f"avatar {avatar.avatar_id!r} runs at {avatar.fps} fps, which cannot make gapless clips "
+                f"at {rate} Hz",
+                hint="prepare it at 25 fps (or 30 fps with 48000 Hz audio)",
+            )
         if self.models is not None and (
             avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id  # type: ignore[attr-defined]
         ):
@@ -134,7 +141,7 @@ class Runtime:
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in self.avatars):
             try:
                 avatar = load_avatar(folder.name, root)
-                self._check_latents(avatar)
+                self._check_avatar(avatar)
             except (AvatarCacheError, WeightsMissing) as exc:
                 log.warning("skipping avatar cache %s: %s", folder.name, exc)
                 continue
@@ -173,30 +180,34 @@ class Runtime:
         fps = avatar.fps
         if num_frames(len(audio16k), fps) < 1:
             raise AudioError(
-                f"audio is {len(audio16k) / AUDIO_RATE * 1000:.0f} ms long, shorter than one video frame "
+                f"audio is {len(audio16k) / SAMPLE_RATE * 1000:.0f} ms long, shorter than one video frame "
                 f"({1000 / fps:.0f} ms)"
             )
-        mcfg = self.settings.media
+        rate = self.settings.media.audio_rate
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        speech = media.pad_to_quantum(audio16k, AUDIO_RATE, mcfg.clip_quantum_ms)
-        track = resample(audio16k, AUDIO_RATE, mcfg.audio_rate) if out_audio is None else out_audio
-        track = media.pad_to_quantum(track, mcfg.audio_rate, mcfg.clip_quantum_ms,
-                                     length=len(speech) * mcfg.audio_rate // AUDIO_RATE)
+        track = resample(audio16k, SAMPLE_RATE, rate) if out_audio is None else out_audio
+        # The output track sets the clip length: whole quanta of video and AAC frames.
+        # The 16 kHz speech is padded to cover it, so the renderer makes exactly
+        # n_out·fps/rate frames (ceil adds under one sample).
+        quantum = clip_quantum(fps, rate)
+        n_out = max(1, math.ceil(max(len(track), len(audio16k) * rate / SAMPLE_RATE) / quantum)) * quantum
+        track = media.pad_to(track, n_out)
+        speech = media.pad_to(audio16k, -(-n_out * SAMPLE_RATE // rate))
         timings["audio"] = time.perf_counter() - t0
 
         stats = RenderStats()
         height, width = avatar.frames.shape[1:3]
-        encoder = media.ClipEncoder(width, height, fps, mcfg, audio=track, prev_tail=prev_tail)
         encode_s = 0.0
         t_render = time.perf_counter()
-        for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats):
+        with media.ClipEncoder(width, height, fps, self.settings.media, audio=track, prev_tail=prev_tail) as encoder:
+            for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats):
+                t1 = time.perf_counter()
+                encoder.add_frame(frame)
+                encode_s += time.perf_counter() - t1
             t1 = time.perf_counter()
-            encoder.add_frame(frame)
+            clip = encoder.finish()
             encode_s += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        clip = encoder.finish()
-        encode_s += time.perf_counter() - t1
         timings.update(stats.as_dict())
         timings["render"] = time.perf_counter() - t_render - encode_s
         timings["encode"] = encode_s

@@ -2,10 +2,15 @@
 
 Layout of ``<sessions_dir>/<session_id>/``::
 
-    state.json          next avatar frame, clip count, duration, AAC audio tail (atomic)
+    state.json          generation, next avatar frame, clip count, duration, AAC audio tail (atomic)
     full_session.mp4    fragmented MP4, appended in place (+ its index, see fmp4.py)
-    clips/clip_0001.mp4 each clip as a plain +faststart MP4
+    clips/clip_<generation>_0001.mp4  each clip as a plain +faststart MP4
     full_conversation.mp4  plain export for download, made on demand and cached
+
+The generation is a random id made with the session: a reset starts a new one,
+so clip names and URLs of the old session never name a clip of the new one.
+A reset moves the old folder to ``_<session_id>.<UTC time>`` (archive policy),
+a name session-id validation refuses, so an archive cannot be spoken to.
 
 A clip is committed by the session video's index (fmp4.py). ``state.json`` is
 written just before the append and keeps the state it replaces under
@@ -20,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -48,6 +54,21 @@ EXPORT_FILE = "full_conversation.mp4"
 CLIPS_DIR = "clips"
 _STATE_VERSION = 1
 _TRASH_PREFIX = ".trash-"
+# safe_name() requires a leading letter or digit, so archives are never session ids.
+_ARCHIVE_PREFIX = "_"
+# States written before generations existed all share this one.
+_LEGACY_GENERATION = "0"
+_GENERATION = re.compile(r"[0-9a-f]{1,32}")
+
+
+def new_generation() -> str:
+    """A short random id for one life of a session (between resets)."""
+    return uuid.uuid4().hex[:8]
+
+
+def clip_file_name(generation: str, index: int) -> str:
+    """The file name of clip ``index`` (1-based) of a session generation."""
+    return f"clip_{generation}_{index:04d}.mp4"
 
 
 @dataclass
@@ -61,6 +82,7 @@ class SessionState:
     frames: int = 0
     duration_s: float = 0.0
     audio_tail: np.ndarray | None = None
+    generation: str = field(default_factory=new_generation)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     previous: SessionState | None = None
@@ -80,12 +102,22 @@ class SessionState:
     def from_json(cls, data: dict[str, Any]) -> SessionState:
         data = dict(data)
         data.pop("version", None)
+        # Not the random default: every read of an old state must agree.
+        data.setdefault("generation", _LEGACY_GENERATION)
         tail = data.pop("audio_tail", None)
         previous = data.pop("previous", None)
         state = cls(**data, previous=None if previous is None else cls.from_json(previous))
         if tail is not None:
             state.audio_tail = np.frombuffer(base64.b64decode(tail), dtype="<f4").astype(np.float32)
         return state
+
+
+@dataclass
+class _SessionLock:
+    """A session's lock and how many threads hold or await it (dropped at zero)."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    users: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +155,7 @@ class SessionStore:
         self.settings = settings
         self.root = Path(settings.server.sessions_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, threading.RLock] = {}
+        self._locks: dict[str, _SessionLock] = {}
         self._locks_guard = threading.Lock()
         self._videos: dict[str, SessionVideo] = {}
         self._empty_trash()
@@ -136,21 +168,44 @@ class SessionStore:
     def video_path(self, session_id: str) -> Path:
         return self.path(session_id) / VIDEO_FILE
 
-    def clip_path(self, session_id: str, index: int) -> Path:
-        """The file of clip ``index`` (1-based); NotFound when absent."""
-        path = self.path(session_id) / CLIPS_DIR / f"clip_{index:04d}.mp4"
-        if index < 1 or not path.is_file():
-            raise NotFound(f"session {session_id!r} has no clip {index}")
+    def clip_path(self, session_id: str, generation: str, index: int) -> Path:
+        """The file of clip ``index`` (1-based) of ``generation``; NotFound when absent.
+
+        A clip of an earlier generation (before a reset) is absent: its name is
+        not reused, so an old URL never serves the new session's clip.
+        """
+        folder = self.path(session_id)
+        if index < 1 or not _GENERATION.fullmatch(generation):
+            raise NotFound(f"session {session_id!r} has no clip {index} in generation {generation!r}")
+        path = folder / CLIPS_DIR / clip_file_name(generation, index)
+        if not path.is_file():
+            raise NotFound(
+                f"session {session_id!r} has no clip {index} in generation {generation!r}",
+                hint="the session may have been reset since; GET /sessions/{id} shows the current one",
+            )
         return path
 
     @contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
-        """Hold the session's lock (re-entrant)."""
+        """Hold the session's lock (re-entrant).
+
+        A lock exists only while someone holds or awaits it, so ids that are
+        merely asked about (unknown sessions included) leave nothing behind.
+        """
         check_session_id(session_id)
         with self._locks_guard:
-            lock = self._locks.setdefault(session_id, threading.RLock())
-        with lock:
-            yield
+            entry = self._locks.get(session_id)
+            if entry is None:
+                entry = self._locks[session_id] = _SessionLock()
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._locks_guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[session_id]
 
     # -- state ---------------------------------------------------------------
     def exists(self, session_id: str) -> bool:
@@ -213,7 +268,7 @@ class SessionStore:
     def _rollback(self, session_id: str, clip_index: int, restore: SessionState) -> None:
         """Drop clip ``clip_index``'s file and put ``restore`` back as the state."""
         folder = self.path(session_id)
-        (folder / CLIPS_DIR / f"clip_{clip_index:04d}.mp4").unlink(missing_ok=True)
+        (folder / CLIPS_DIR / clip_file_name(restore.generation, clip_index)).unlink(missing_ok=True)
         self._write_state(folder, restore)
 
     # -- the work ------------------------------------------------------------
@@ -252,7 +307,7 @@ class SessionStore:
             )
             timings = dict(rendered.timings)
             index = state.clips + 1
-            clip_path = folder / CLIPS_DIR / f"clip_{index:04d}.mp4"
+            clip_path = folder / CLIPS_DIR / clip_file_name(state.generation, index)
             t0 = time.perf_counter()
             write_clip_mp4(rendered.clip, clip_path)
             timings["write"] = time.perf_counter() - t0
@@ -264,6 +319,7 @@ class SessionStore:
                 frames=state.frames + rendered.frames,
                 duration_s=state.duration_s + rendered.duration_s,
                 audio_tail=rendered.audio_tail,
+                generation=state.generation,
                 created=state.created,
                 previous=replace(state, previous=None),  # one level of history is enough
             )
@@ -302,7 +358,8 @@ class SessionStore:
         """Replace the session with an empty one; the old folder is archived or deleted per config.
 
         The old folder is moved away with one rename first, so it is never seen
-        half-deleted; an archive keeps it as ``<id>.<UTC timestamp>``.
+        half-deleted; an archive keeps it as ``_<id>.<UTC timestamp>``, which is
+        not a valid session id, so no request can reach (or append to) it.
         """
         with self.lock(session_id):
             folder = self.path(session_id)
@@ -310,7 +367,7 @@ class SessionStore:
             if folder.exists():
                 if self.settings.server.reset_policy == "archive":
                     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-                    os.rename(folder, self._free_name(f"{session_id}.{stamp}"))
+                    os.rename(folder, self._free_name(f"{_ARCHIVE_PREFIX}{session_id}.{stamp}"))
                 else:
                     trash = self.root / f"{_TRASH_PREFIX}{uuid.uuid4().hex}"
                     os.rename(folder, trash)

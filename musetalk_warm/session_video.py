@@ -174,6 +174,9 @@ class SessionVideo:
 
     def _write(self, payload: bytes, state: dict[str, Any]) -> None:
         committed = self.state["end"]
+        # The index's committed length too: a line written in full before its fsync
+        # failed is not torn, so only cutting back to this size removes it.
+        index_size = self.index_path.stat().st_size if self.index_path.exists() else 0
         created = not self.path.exists()
         try:
             with open(self.path, "ab") as video:
@@ -188,17 +191,22 @@ class SessionVideo:
             if created:
                 fsync_dir(self.path.parent)
         except (OSError, MediaError) as exc:
-            self._rollback(committed)
+            self._rollback(committed, index_size)
             raise MediaError(
                 f"could not append to {self.path.name}: {getattr(exc, 'strerror', None) or exc}"
             ) from exc
 
-    def _rollback(self, committed: int) -> None:
-        """Put the files back as the last committed append left them."""
+    def _rollback(self, committed: int, index_size: int) -> None:
+        """Put the video and index back to their sizes before the failed append.
+
+        The index goes first: should the video's truncate then fail, its extra
+        bytes are past the last indexed fragment and the next open cuts them.
+        """
         try:
+            if self.index_path.exists():
+                os.truncate(self.index_path, index_size)
             if self.path.exists():
                 os.truncate(self.path, committed)
-            _truncate_index(self.index_path)
         except OSError:
             pass  # the next open recovers from the index
 

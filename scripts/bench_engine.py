@@ -32,6 +32,7 @@ from musetalk_warm.blend import BLEND_MODES, composite
 from musetalk_warm.config import MediaSettings, RenderSettings
 from musetalk_warm.engine import MuseTalkRenderer, RenderEngine
 from musetalk_warm.masks import blend_mask, crop_box
+from musetalk_warm.config import clip_quantum
 from musetalk_warm.media import ClipEncoder, pad_to_quantum
 from musetalk_warm.models import (
     Models,
@@ -238,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     print({k: report[k] for k in ("paste_fps_one_thread", "encode_fps")}, flush=True)
     rng = np.random.default_rng(0)
     # Whole 320 ms quanta, as the runtime pads every clip, so the encoder gets whole AAC frames.
-    audio = pad_to_quantum((0.1 * rng.standard_normal(int(args.clip_seconds * 16000))).astype(np.float32), 16000, 320)
+    audio = pad_to_quantum((0.1 * rng.standard_normal(int(args.clip_seconds * 16000))).astype(np.float32),
+                           clip_quantum(25, 16000))
     clips = []
     for bs in args.batch_sizes:
         engine = RenderEngine(MuseTalkRenderer(models), RenderSettings(batch_size=bs))
-        clip_run(engine, avatar, audio[:5120], encode=False)  # warm-up
+        clip_run(engine, avatar, audio[: bs * 640], encode=False)  # warm-up: one full batch
         row = {"batch_size": bs, "render_only": clip_run(engine, avatar, audio, encode=False),
                "render_encode": clip_run(engine, avatar, audio, encode=True)}
         clips.append(row)

@@ -28,10 +28,10 @@ import numpy as np
 import uvicorn
 import yaml
 
-from musetalk_warm.audio import load_audio, resample
+from musetalk_warm.audio import SAMPLE_RATE, load_audio, resample
 from musetalk_warm.config import Settings, load_settings
 from musetalk_warm.session_video import SessionVideo
-from musetalk_warm.runtime import AUDIO_RATE, Runtime
+from musetalk_warm.runtime import Runtime
 from musetalk_warm.server import create_app
 from musetalk_warm.tts import load_tts
 
@@ -126,11 +126,11 @@ def bench_append(settings: Settings, workdir: Path, clip_seconds: float, speech_
     runtime = Runtime.load(settings)
     try:
         if speech_files:
-            voice = np.concatenate([load_audio(p, AUDIO_RATE) for p in speech_files])
-            rate = AUDIO_RATE
+            voice = np.concatenate([load_audio(p, SAMPLE_RATE) for p in speech_files])
+            rate = SAMPLE_RATE
         else:
             voice, rate = load_tts(settings.tts).synthesize(" ".join(SENTENCES))
-        speech = resample(voice, rate, AUDIO_RATE)[: int(clip_seconds * AUDIO_RATE)]
+        speech = resample(voice, rate, SAMPLE_RATE)[: int(clip_seconds * SAMPLE_RATE)]
         clip = runtime.render_clip(speech, None, 0).clip
     finally:
         runtime.close()

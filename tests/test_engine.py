@@ -217,3 +217,23 @@ def test_blend_mode_is_chosen_per_render(lite_runtime: Runtime, speech_16k: np.n
         np.testing.assert_array_equal(outside[0], outside[2])
     assert not np.array_equal(by_mode["feather"][5], by_mode["poisson"][5])
     assert not np.array_equal(by_mode["feather"][5], by_mode["upstream"][5])
+
+
+@pytest.mark.parametrize("quanta", [1, 29, 57])
+def test_clip_frame_count_is_exact_for_every_length(lite_runtime: Runtime, quanta: int) -> None:
+    # 29 quanta (9.28 s) is where float arithmetic, floor(n/16000*25), loses a frame.
+    audio = np.zeros(5120 * quanta - 100, np.float32)
+    result = lite_runtime.render_clip(audio, None, 0)
+    assert result.frames == 8 * quanta == result.clip.frame_count
+    assert result.clip.sample_count == 15360 * quanta
+
+
+def test_thirty_fps_clips(tmp_path: Path, speech_16k: np.ndarray) -> None:
+    runtime = Runtime.load(make_settings(tmp_path, avatar={"fps": 30, "demo_seconds": 1.0}))
+    try:
+        result = runtime.render_clip(speech_16k, None, 0)
+    finally:
+        runtime.close()
+    # 30 fps at 48 kHz: whole quanta of 16 frames (25600 samples, 25 AAC frames).
+    assert result.frames % 16 == 0 and result.frames * 1600 == result.clip.sample_count
+    assert 0 <= result.frames - len(speech_16k) * 30 // 16000 < 16

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import av
@@ -15,8 +17,8 @@ import numpy as np
 import pytest
 
 from musetalk_warm import decode, fmp4, media, session_video
-from musetalk_warm.config import MediaSettings
-from musetalk_warm.errors import DependencyMissing, MediaError
+from musetalk_warm.config import MediaSettings, clip_quantum
+from musetalk_warm.errors import ConfigError, DependencyMissing, MediaError
 from musetalk_warm.fmp4 import iter_boxes
 from musetalk_warm.session_video import SessionVideo
 
@@ -164,7 +166,7 @@ def test_odd_frame_size_is_padded_to_even(tmp_path: Path) -> None:
 
 
 def test_encoder_refuses_bad_input() -> None:
-    with pytest.raises(MediaError, match="pad_to_quantum"):
+    with pytest.raises(MediaError, match="clip_quantum"):
         media.ClipEncoder(64, 64, FPS, SETTINGS, np.zeros(1000, np.float32))
     encoder = media.ClipEncoder(64, 64, FPS, SETTINGS, tone(8))
     with pytest.raises(MediaError, match="64x64x3"):
@@ -180,19 +182,19 @@ def test_encoder_refuses_bad_input() -> None:
 
 
 def test_quantum_padding() -> None:
-    assert media.quantum_samples(48000, 320) == 15360 == 15 * 1024
-    assert media.quantum_samples(16000, 320) == 5120 == 5 * 1024
-    padded = media.pad_to_quantum(np.ones(16000, np.float32), 16000, 320)
+    # Whole video frames and whole 1024-sample AAC frames: 320 ms at 25 fps.
+    assert clip_quantum(25, 48000) == 15360 == 15 * 1024 == 8 * 1920
+    assert clip_quantum(25, 16000) == 5120 == 5 * 1024 == 8 * 640
+    assert clip_quantum(30, 48000) == 25600 == 25 * 1024 == 16 * 1600
+    with pytest.raises(ConfigError, match="samples per frame"):
+        clip_quantum(24, 44100)
+    padded = media.pad_to_quantum(np.ones(16000, np.float32), 5120)
     assert len(padded) == 20480 and padded[:16000].min() == 1 and not padded[16000:].any()
-    assert len(media.pad_to_quantum(np.ones(5120, np.float32), 16000, 320)) == 5120
-    assert len(media.pad_to_quantum(np.zeros(0, np.float32), 16000, 320)) == 5120
-    with pytest.raises(MediaError, match="whole number"):
-        media.quantum_samples(44100, 1)
-    exact = media.pad_to_quantum(np.ones(15361, np.float32), 48000, 320, length=15360)
+    assert len(media.pad_to_quantum(np.ones(5120, np.float32), 5120)) == 5120
+    assert len(media.pad_to_quantum(np.zeros(0, np.float32), 5120)) == 5120
+    exact = media.pad_to(np.ones(15361, np.float32), 15360)
     assert len(exact) == 15360 and exact.min() == 1
-    assert len(media.pad_to_quantum(np.ones(100, np.float32), 48000, 320, length=30720)) == 30720
-    with pytest.raises(MediaError, match="quanta"):
-        media.pad_to_quantum(np.ones(100, np.float32), 48000, 320, length=1000)
+    assert len(media.pad_to(np.ones(100, np.float32), 30720)) == 30720
 
 
 def test_missing_encoder_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -446,3 +448,31 @@ def test_write_clip_mp4_failure_keeps_existing_file(tmp_path: Path) -> None:
         media.write_clip_mp4(broken, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_index_fsync_failure_after_full_line_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index line is written in full, then its fsync fails: the line must go too."""
+    path = tmp_path / "full_session.mp4"
+    clips = _clips(3)
+    session, _ = _session(path, clips[:2])
+    video, index = path.read_bytes(), session.index_path.read_bytes()
+    clip = encode(*clips[2], prev_tail=clips[1][1])
+    written: list[bool] = []
+
+    def broken_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".index.jsonl"):
+            on_disk = session.index_path.read_bytes()
+            written.append(on_disk.endswith(b"\n") and len(on_disk) > len(index))
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+
+    monkeypatch.setattr(session_video, "os", types.SimpleNamespace(**{**vars(os), "fsync": broken_fsync}))
+    with pytest.raises(MediaError, match="Input/output error"):
+        session.append(clip)
+    monkeypatch.undo()
+    assert written == [True]  # the failure hit after a complete line was on disk
+    assert path.read_bytes() == video and session.index_path.read_bytes() == index
+    reopened = SessionVideo(path)
+    assert (reopened.clip_count, reopened.frame_count) == (2, 16)
+    reopened.append(clip)  # the session goes on
+    assert reopened.clip_count == 3 and len(decode_all(path)[0]) == 24

@@ -15,13 +15,12 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..audio import load_audio_native, resample
+from ..audio import load_audio_native, speech_tracks
 from ..errors import TextError
 from ..session import SpeakResult, check_session_id
 from .schemas import SpeakResponse
 from .state import Warm
 
-AUDIO_RATE = 16000
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,7 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
             min_seconds=1.0 / settings.avatar.fps, max_seconds=settings.server.max_audio_seconds,
         )
     t1 = time.perf_counter()
-    speech16k = resample(samples, rate, AUDIO_RATE)
-    track = resample(samples, rate, out_rate)
+    speech16k, track = speech_tracks(samples, rate, out_rate)
     timings["audio"] = time.perf_counter() - t1
     return speech16k, track, timings
 
