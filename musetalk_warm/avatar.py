@@ -180,7 +180,7 @@ def load_avatar(avatar_id: str, cache_root: str | Path, *, mmap: bool = True) ->
             placements=arrays["placements"],
             manifest=manifest,
         )
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise AvatarCacheError(
             f"the cache of avatar {avatar_id!r} is damaged ({type(exc).__name__})",
             hint=_hint(avatar_id) + " with --force",

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +148,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(_settings(args))
 
 
+def _version() -> str:
+    try:
+        return version("musetalk-warm")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musetalk-warm", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('musetalk-warm')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

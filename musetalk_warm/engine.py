@@ -80,7 +80,6 @@ class RenderStats:
     generate_s: float = 0.0
     composite_s: float = 0.0
     frames: int = 0
-    batch_size: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, seconds: float) -> None:
@@ -101,6 +100,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+def _free_accelerator() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class RenderEngine:
     """Batched, pipelined rendering of an avatar speaking an audio clip."""
 
@@ -112,6 +118,8 @@ class RenderEngine:
         # fairly between concurrent sessions, batch by batch.
         self._accelerator = ThreadPoolExecutor(1, thread_name_prefix="accelerator")
         self._composite_pool = ThreadPoolExecutor(settings.composite_workers, thread_name_prefix="composite")
+        # After an accelerator OOM, the batch that fitted; later batches start there.
+        self._max_step: int | None = None
 
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
@@ -140,14 +148,26 @@ class RenderEngine:
         settings = settings or self.settings
         stats = stats if stats is not None else RenderStats()
         t0 = time.perf_counter()
-        cond = self._accelerator.submit(self.renderer.condition, audio, avatar.fps).result()
+        cond = self._accelerator.submit(self._condition, audio, avatar.fps).result()
         stats.add("condition_s", time.perf_counter() - t0)
         sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
         yield from self._pipeline(avatar, cond, sources, settings, stats)
 
+    def _condition(self, audio: np.ndarray, fps: int) -> Any:
+        try:
+            return self.renderer.condition(audio, fps)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            _free_accelerator()
+            raise ResourceExhausted(
+                "the accelerator ran out of memory encoding the audio",
+                hint="send shorter audio or run fewer sessions per GPU",
+            ) from exc
+
     def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats) -> np.ndarray:
         """One batch, halving the batch on accelerator OOM before giving up."""
-        step = len(src)
+        step = min(len(src), self._max_step or len(src))
         while True:
             try:
                 t0 = time.perf_counter()
@@ -160,16 +180,14 @@ class RenderEngine:
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
-                import torch
-
-                torch.cuda.empty_cache()
+                _free_accelerator()
                 if step == 1:
                     raise ResourceExhausted(
                         "the accelerator ran out of memory even at batch size 1",
                         hint="free GPU memory or run fewer sessions per GPU",
                     ) from exc
-                step = max(1, step // 2)
-                log.warning("out of memory; retrying with batch size %d", step)
+                step = self._max_step = max(1, step // 2)
+                log.warning("out of memory; batches now at most %d frames", step)
 
     def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
         # The face was generated from the crop cut at this placement (prep), so it goes back there.
@@ -192,7 +210,6 @@ class RenderEngine:
         stats: RenderStats,
     ) -> Iterator[np.ndarray]:
         bs = settings.batch_size
-        stats.batch_size = bs
         starts = deque(range(0, len(sources), bs))
         pending: deque[tuple[int, Future[np.ndarray]]] = deque()
 

@@ -24,7 +24,7 @@ from .audio import resample
 from .avatar import Avatar, load_avatar
 from .config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
-from .errors import AudioError, AvatarCacheError, NotFound, WeightsMissing
+from .errors import AudioError, AvatarCacheError, NotFound
 from .audio import SAMPLE_RATE, num_frames
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         """Load the renderer once and every usable avatar cache under ``avatar.cache_dir``."""
+        media.require_encoders(settings.media)  # fail at start-up, not on the first request
         renderer, models = build_renderer(settings)
         runtime = cls(settings, renderer, models, {})
         runtime.avatars[settings.avatar.avatar_id] = runtime._startup_avatar()
@@ -142,7 +143,7 @@ class Runtime:
             try:
                 avatar = load_avatar(folder.name, root)
                 self._check_avatar(avatar)
-            except (AvatarCacheError, WeightsMissing) as exc:
+            except Exception as exc:  # one bad cache must not keep the others (or the server) down
                 log.warning("skipping avatar cache %s: %s", folder.name, exc)
                 continue
             self.avatars[folder.name] = avatar

@@ -102,11 +102,13 @@ def test_next_clip_continues_from_where_the_last_ended(lite_runtime: Runtime, sp
 class _Counting:
     """Wraps a renderer, counting batches and optionally refusing big ones like an OOM GPU."""
 
-    def __init__(self, inner: LiteRenderer, max_batch: int | None = None) -> None:
-        self.inner, self.max_batch, self.calls, self.sizes = inner, max_batch, 0, []
+    def __init__(self, inner: LiteRenderer, max_batch: int | None = None, max_audio: int | None = None) -> None:
+        self.inner, self.max_batch, self.max_audio, self.calls, self.sizes = inner, max_batch, max_audio, 0, []
         self.name = inner.name
 
     def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
+        if self.max_audio is not None and len(audio) > self.max_audio:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return self.inner.condition(audio, fps)
 
     def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
@@ -139,6 +141,15 @@ def test_oom_halves_the_batch_then_reports(lite_runtime: Runtime, speech_16k: np
     frames = list(engine.render(speech_16k[:16000], avatar, 0, stats=stats))
     assert len(frames) == 25 and stats.frames == 25
     assert max(counting.sizes) == 2
+    # The batch that fitted is remembered: the next clip does not run out of memory again.
+    calls = counting.calls
+    list(engine.render(speech_16k[:16000], avatar, 0))
+    assert counting.calls - calls == math.ceil(25 / 2)
+
+    long_audio = RenderEngine(_Counting(LiteRenderer(), max_audio=8000), settings)
+    with pytest.raises(ResourceExhausted, match="encoding the audio"):
+        list(long_audio.render(speech_16k[:16000], avatar, 0))
+    long_audio.close()
 
     hopeless = RenderEngine(_Counting(LiteRenderer(), max_batch=0), settings)
     with pytest.raises(ResourceExhausted, match="out of memory"):
