@@ -192,6 +192,11 @@ class ClipEncoder:
             raise MediaError(f"AAC encoder returned {len(kept)} frames for {len(audio) // AAC_FRAME}")
         return kept
 
+    @property
+    def init_segment(self) -> bytes | None:
+        """``ftyp``+``moov`` once the muxer has written them (before the first fragment)."""
+        return self._sink.init
+
     def add_frame(self, bgr: np.ndarray) -> None:
         """Encode the next BGR uint8 ``[H,W,3]`` frame (of the constructor's size)."""
         if bgr.shape != (self._size[1], self._size[0], 3) or bgr.dtype != np.uint8:

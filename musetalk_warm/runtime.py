@@ -168,6 +168,7 @@ class Runtime:
         out_audio: np.ndarray | None = None,
         prev_tail: np.ndarray | None = None,
         render: RenderSettings | None = None,
+        on_fragment: Callable[[bytes, media.Fragment], None] | None = None,
     ) -> RenderedClip:
         """Render and encode ``audio16k`` (16 kHz mono float32) as one clip.
 
@@ -175,7 +176,8 @@ class Runtime:
         clip is a whole number of video and AAC frames (gapless appends) and
         ends with the mouth closed. ``out_audio`` is the same speech at
         ``media.audio_rate`` for the output track (resampled from ``audio16k``
-        when omitted).
+        when omitted). ``on_fragment(init_segment, fragment)`` is called for each
+        media fragment as soon as it is encoded, while later frames still render.
         """
         avatar = self.avatar(avatar_id)
         fps = avatar.fps
@@ -201,7 +203,12 @@ class Runtime:
         height, width = avatar.frames.shape[1:3]
         encode_s = 0.0
         t_render = time.perf_counter()
-        with media.ClipEncoder(width, height, fps, self.settings.media, audio=track, prev_tail=prev_tail) as encoder:
+        def forward(fragment: media.Fragment) -> None:
+            if on_fragment is not None:
+                on_fragment(encoder.init_segment or b"", fragment)
+
+        with media.ClipEncoder(width, height, fps, self.settings.media, audio=track, prev_tail=prev_tail,
+                               on_fragment=forward) as encoder:
             for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats):
                 t1 = time.perf_counter()
                 encoder.add_frame(frame)

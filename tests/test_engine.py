@@ -248,3 +248,25 @@ def test_thirty_fps_clips(tmp_path: Path, speech_16k: np.ndarray) -> None:
     # 30 fps at 48 kHz: whole quanta of 16 frames (25600 samples, 25 AAC frames).
     assert result.frames % 16 == 0 and result.frames * 1600 == result.clip.sample_count
     assert 0 <= result.frames - len(speech_16k) * 30 // 16000 < 16
+
+
+def test_fragments_stream_while_the_clip_renders(lite_runtime: Runtime, speech_16k: np.ndarray, tmp_path: Path) -> None:
+    import time
+
+    arrivals: list[float] = []
+    chunks: list[bytes] = []
+
+    def on_fragment(init: bytes, fragment) -> None:  # type: ignore[no-untyped-def]
+        arrivals.append(time.perf_counter())
+        chunks.append((init if not chunks else b"") + fragment.data)
+
+    t0 = time.perf_counter()
+    result = lite_runtime.render_clip(speech_16k, None, 0, on_fragment=on_fragment)
+    total = time.perf_counter() - t0
+    assert len(chunks) == len(result.clip.fragments) >= 5
+    assert arrivals[0] - t0 < 0.6 * total  # the first fragment long before the clip is done
+    streamed = tmp_path / "streamed.mp4"
+    streamed.write_bytes(b"".join(chunks))
+    assert b"".join(chunks) == result.clip.init + b"".join(f.data for f in result.clip.fragments)
+    info = probe(streamed)
+    assert info.frame_count == result.frames and info.video_codec == "h264"
