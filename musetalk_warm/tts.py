@@ -33,11 +33,30 @@ class TTS(Protocol):
         ...
 
 
-def _check_text(text: str) -> str:
+def check_text(text: str, max_chars: int | None = None) -> str:
+    """The stripped text, or TextError when empty or over ``max_chars`` (no limit when None).
+
+    The one text check: engines call it, and the server calls it with its limit
+    before any work is queued.
+    """
     text = text.strip()
     if not text:
-        raise TextError("text to speak is empty")
+        raise TextError("text is empty", hint='send {"text": "something to say"}')
+    if max_chars is not None and len(text) > max_chars:
+        raise TextError(
+            f"text is {len(text)} characters, more than the limit of {max_chars}",
+            hint="split it into several /speak calls",
+        )
     return text
+
+
+def openai_endpoint(url: str, path: str) -> str:
+    """``path`` (e.g. ``audio/speech``) on an OpenAI-compatible server.
+
+    ``url`` may be the server root or its ``/v1`` base, as OpenAI clients accept.
+    """
+    base = url.rstrip("/")
+    return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
 
 
 def _decode_wav(data: bytes, engine: str) -> tuple[np.ndarray, int]:
@@ -93,7 +112,7 @@ class EspeakTTS:
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         """Speak ``text``; raises TextError when empty, TTSError when espeak fails."""
-        text = _check_text(text)
+        text = check_text(text)
         # "--" ends options, so text starting with "-" is spoken, not parsed.
         cmd = [self._exe, "-v", self.voice, "-s", str(self.speed_wpm), "--stdout", "--", text]
         try:
@@ -124,9 +143,7 @@ class OpenAITTS:
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        base = url.rstrip("/")
-        # Accept the server root or its /v1 base, as OpenAI clients do.
-        self._endpoint = f"{base}/audio/speech" if base.endswith("/v1") else f"{base}/v1/audio/speech"
+        self._endpoint = openai_endpoint(url, "audio/speech")
         self.model = model
         self.voice = voice
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,7 +151,7 @@ class OpenAITTS:
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         """Speak ``text`` via the endpoint; network, HTTP and decoding failures raise TTSError."""
-        text = _check_text(text)
+        text = check_text(text)
         body = {"model": self.model, "input": text, "voice": self.voice, "response_format": "wav"}
         try:
             response = self._client.post(self._endpoint, json=body)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -17,6 +22,8 @@ from fastapi.testclient import TestClient
 from musetalk_warm.config import Settings
 from musetalk_warm.runtime import Runtime
 from musetalk_warm.server import create_app
+from musetalk_warm.server.routes import jobs
+from musetalk_warm.server.schemas import JobStatus
 
 FPS = 25
 CYCLE = 50  # the one-second demo avatar: 25 frames, cycled forward and back
@@ -162,7 +169,9 @@ def _assert_clean_error(response, status: int, code: str, root: Path) -> dict:
 
 def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path) -> None:
     client.post("/reset", json={"session_id": "guarded"})
-    assert client.post("/speak", json={"text": "Keep me.", "session_id": "guarded"}).status_code == 200
+    kept = client.post("/speak", json={"text": "Keep me.", "session_id": "guarded"})
+    assert kept.status_code == 200
+    generation = kept.json()["clip_url"].split("/")[-2]
     folder = root / "sessions" / "guarded"
     before = snapshot(folder)
     s = {"session_id": "guarded"}
@@ -190,8 +199,9 @@ def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path
         (client.post("/speak", json={"text": "Hi.", "avatar_id": "nobody", **s}), 404, "not_found", "nobody"),
         (client.post("/speak", json={"text": "Hi.", "session_id": "missing"}), 404, "not_found", "missing"),
         (client.post("/speak", json={"text": "Hi.", "session_id": "../escape"}), 400, "bad_input", "session_id"),
-        (client.get("/sessions/missing/clips/1"), 404, "not_found", "missing"),
-        (client.get("/sessions/guarded/clips/9"), 404, "not_found", "clip 9"),
+        (client.get(f"/sessions/missing/clips/{generation}/1"), 404, "not_found", "missing"),
+        (client.get(f"/sessions/guarded/clips/{generation}/9"), 404, "not_found", "clip 9"),
+        (client.get("/sessions/guarded/clips/..%2F..%2Fx/1"), 404, "not_found", ""),
         (client.get("/no/such/route"), 404, "not_found", ""),
     ]
     for response, status, code, words in cases:
@@ -250,7 +260,7 @@ def test_chat_job_api(client: TestClient) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert job["status"] == "done" and job["reply"] == "Tell me something."
-    assert job["video_url"] == "/sessions/jobs/clips/1"
+    assert re.fullmatch(r"/sessions/jobs/clips/[0-9a-f]{8}/1", job["video_url"])
     video = client.get(f"/video/{job_id}")
     assert video.status_code == 200 and video.content[4:8] == b"ftyp"
     assert client.get("/status/nope").status_code == 404
@@ -290,3 +300,129 @@ def test_auth_and_tts_failure(tmp_path: Path) -> None:
         assert "speech endpoint" in _assert_clean_error(failed, 502, "tts_error", tmp_path)["message"]
         assert c.get("/sessions/default?access_token=s3cret").json()["clips"] == 0
         assert c.get("/sessions/default/video", headers=auth).status_code == 404
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := client.get(f"/status/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+def _with_server(warm: object, monkeypatch: pytest.MonkeyPatch, **server: object) -> None:
+    """Swap in settings with some server values changed, for one test."""
+    settings = warm.settings  # type: ignore[attr-defined]
+    monkeypatch.setattr(warm, "settings", settings.model_copy(update={"server": settings.server.model_copy(update=server)}))
+
+
+def test_chat_jobs_speak_in_arrival_order_with_llm(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first message's LLM reply comes last, yet it is spoken first; the key is sent as a bearer token."""
+    warm = client.app.state.warm
+    _with_server(warm, monkeypatch, llm_url="http://llm.local/", llm_api_key="k3y")
+    seen: list[httpx.Request] = []
+
+    async def llm(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        prompt = json.loads(request.content)["messages"][-1]["content"]
+        if prompt == "First question?":
+            await asyncio.sleep(1.5)
+        return httpx.Response(200, json={"choices": [{"message": {"content": f"Answer to {prompt}"}}]})
+
+    real_client = httpx.AsyncClient
+    monkeypatch.setattr(
+        jobs.httpx, "AsyncClient", lambda **kw: real_client(transport=httpx.MockTransport(llm), **kw)
+    )
+    client.post("/reset", json={"session_id": "ordered"})
+    ids = [client.post("/chat", json={"text": t, "session_id": "ordered"}).json()["job_id"]
+           for t in ("First question?", "Second question?")]
+    done = [wait_job(client, job_id) for job_id in ids]
+    assert [j["status"] for j in done] == ["done", "done"], done
+    assert [j["reply"] for j in done] == ["Answer to First question?", "Answer to Second question?"]
+    assert [j["result"]["clip_index"] for j in done] == [1, 2]
+    assert {str(r.url) for r in seen} == {"http://llm.local/v1/chat/completions"}
+    assert {r.headers["authorization"] for r in seen} == {"Bearer k3y"}
+    assert warm.job_tails == {}  # finished chains are forgotten
+
+
+def test_chat_checks_session_and_avatar_at_post_time(client: TestClient, root: Path) -> None:
+    before = set(client.app.state.warm.jobs)
+    cases = [
+        (client.post("/chat", json={"text": "Hi.", "session_id": "missing"}), 404, "not_found", "missing"),
+        (client.post("/chat", json={"text": "Hi.", "avatar_id": "nobody"}), 404, "not_found", "nobody"),
+        (client.post("/chat", json={"text": "Hi.", "session_id": "../x"}), 400, "bad_input", "session_id"),
+        (client.post("/chat", json={"text": "  "}), 422, "bad_text", "empty"),
+    ]
+    for response, status, code, words in cases:
+        assert words in _assert_clean_error(response, status, code, root)["message"]
+    assert set(client.app.state.warm.jobs) == before  # no failed jobs were queued
+
+
+def test_job_eviction_keeps_unfinished_jobs(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    warm = client.app.state.warm
+    monkeypatch.setattr(jobs, "_MAX_JOBS", 2)
+    busy = JobStatus(job_id="busy", status="running", prompt="still going")
+    old = JobStatus(job_id="old", status="done", prompt="long done")
+    monkeypatch.setattr(warm, "jobs", OrderedDict([("busy", busy), ("old", old)]))
+    client.post("/reset", json={"session_id": "evict"})
+    new = client.post("/chat", json={"text": "Newest.", "session_id": "evict"}).json()["job_id"]
+    assert list(warm.jobs) == ["busy", new]  # the oldest job is running: the finished one goes
+    assert client.get("/status/busy").json()["status"] == "running"
+    assert wait_job(client, new)["status"] == "done"
+
+
+def test_reset_retires_clip_and_job_urls(client: TestClient) -> None:
+    """After a reset, old clip and job URLs answer 404 instead of serving the new session's clip."""
+    client.post("/reset", json={"session_id": "gens"})
+    old_clip = client.post("/speak", json={"text": "Before the reset.", "session_id": "gens"}).json()["clip_url"]
+    job_id = client.post("/chat", json={"text": "Also before.", "session_id": "gens"}).json()["job_id"]
+    assert wait_job(client, job_id)["status"] == "done"
+    old_job_video = client.get(f"/video/{job_id}").content
+    assert client.get(old_clip).status_code == 200
+
+    client.post("/reset", json={"session_id": "gens"})
+    new_clip = client.post("/speak", json={"text": "After the reset, longer.", "session_id": "gens"}).json()
+    assert new_clip["clip_index"] == 1 and new_clip["clip_url"] != old_clip
+    assert client.get(new_clip["clip_url"]).status_code == 200
+    assert client.get(old_clip).status_code == 404
+    gone = client.get(f"/video/{job_id}")
+    assert gone.status_code == 404 and "reset" in gone.json()["message"] and gone.content != old_job_video
+    state = json.loads((client.app.state.warm.store.path("gens") / "state.json").read_text())
+    assert new_clip["clip_url"].split("/")[-2] == state["generation"]
+
+
+def test_unknown_ids_and_methods_leave_no_state(client: TestClient) -> None:
+    warm = client.app.state.warm
+    for url in ("/sessions/rand-1", "/download?session_id=rand-2", "/sessions/rand-3/video",
+                "/sessions/rand-4/video?fragmented=true"):
+        assert client.get(url).status_code == 404, url
+    assert not [sid for sid in warm.store._locks if sid.startswith("rand-")]
+    assert not [sid for sid in warm._session_locks if sid.startswith("rand-")]
+    client.request("BREW", "/health")
+    text = client.get("/metrics").text
+    assert 'method="BREW"' not in text and 'method="other",route="/health"' in text
+
+
+class _LongTTS:
+    """A TTS that answers any text with three seconds of tone."""
+
+    name = "long"
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        t = np.arange(3 * 16000) / 16000
+        return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000
+
+
+def test_tts_output_over_the_audio_limit_is_refused(
+    client: TestClient, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warm = client.app.state.warm
+    client.post("/reset", json={"session_id": "longtts"})
+    folder = root / "sessions" / "longtts"
+    before = snapshot(folder)
+    _with_server(warm, monkeypatch, max_audio_seconds=2.0)
+    monkeypatch.setattr(warm, "tts", _LongTTS())
+    response = client.post("/speak", json={"text": "Say a lot.", "session_id": "longtts"})
+    body = _assert_clean_error(response, 422, "bad_text", root)
+    assert "3.0 s long" in body["message"] and "maximum is 2 s" in body["message"]
+    assert snapshot(folder) == before

@@ -15,7 +15,7 @@ from musetalk_warm import session_video
 from musetalk_warm.config import Settings
 from musetalk_warm.errors import AudioError, BadInput, MediaError, NotFound
 from musetalk_warm.runtime import Runtime
-from musetalk_warm.session import SessionStore
+from musetalk_warm.session import SessionStore, check_session_id
 from musetalk_warm.tts import EspeakTTS
 
 RATE = 16000
@@ -121,7 +121,7 @@ def test_state_ahead_of_video_is_rolled_back(root: Path, runtime: Runtime, speec
     fresh = SessionStore(_settings(root))
     state = fresh.state("crash")
     assert state.clips == 1 and state.next_frame == good.next_frame == first.frames
-    assert not (folder / "clips" / "clip_0002.mp4").exists()
+    assert not (folder / "clips" / f"clip_{state.generation}_0002.mp4").exists()
     assert os.path.getsize(folder / "full_session.mp4") == json.loads(lines[0])["end"]
     again = fresh.speak("crash", speech[2], None, runtime)
     assert again.clip_index == 2 and again.start_frame == first.frames
@@ -156,11 +156,56 @@ def test_reset(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray], polic
     assert not store.video_path("r").exists()
     siblings = [p for p in store.root.iterdir() if p.name != "r"]
     if policy == "archive":
-        assert len(siblings) == 1 and siblings[0].name.startswith("r.")
+        assert len(siblings) == 1 and siblings[0].name.startswith("_r.")
+        assert snapshot(siblings[0]) == old
+        # An archive is not a session: no request can name it, let alone append to it.
+        with pytest.raises(BadInput):
+            check_session_id(siblings[0].name)
+        with pytest.raises(BadInput):
+            store.speak(siblings[0].name, speech[1], None, runtime, create=False)
         assert snapshot(siblings[0]) == old
     else:
         assert siblings == []
     assert store.speak("r", speech[1], None, runtime).start_frame == 0
+
+
+def test_reset_starts_a_new_generation(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    """Clip names carry the session generation, so a reset never reuses an old clip's name."""
+    store = SessionStore(_settings(tmp_path))
+    first = store.speak("g", speech[0], None, runtime)
+    old = first.state.generation
+    assert store.clip_path("g", old, 1) == first.clip_path
+    assert json.loads((store.path("g") / "state.json").read_text())["generation"] == old
+    assert SessionStore(_settings(tmp_path)).state("g").generation == old  # stable across reopen
+    new = store.reset("g").generation
+    assert new != old
+    again = store.speak("g", speech[1], None, runtime)
+    assert again.clip_index == 1 and again.state.generation == new and again.clip_path != first.clip_path
+    with pytest.raises(NotFound):
+        store.clip_path("g", old, 1)
+    for bad in ("../x", "", "G0"):
+        with pytest.raises(NotFound):
+            store.clip_path("g", bad, 1)
+    # A state.json from before generations: every read agrees on one.
+    state_file = store.path("g") / "state.json"
+    data = json.loads(state_file.read_text())
+    del data["generation"], data["previous"]["generation"]
+    state_file.write_text(json.dumps(data))
+    fresh = SessionStore(_settings(tmp_path))
+    assert fresh.state("g").generation == fresh.state("g").generation == "0"
+
+
+def test_locks_exist_only_while_used(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    store = SessionStore(_settings(tmp_path))
+    for sid in ("nobody-1", "nobody-2"):
+        with pytest.raises(NotFound):
+            store.state(sid)
+        with pytest.raises(NotFound):
+            store.export(sid)
+    store.speak("somebody", speech[0], None, runtime)
+    with store.lock("somebody"), store.lock("somebody"):  # re-entrant
+        assert list(store._locks) == ["somebody"]
+    assert store._locks == {}
 
 
 def test_gapless_after_100_appends(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:

@@ -13,7 +13,15 @@ import soundfile as sf
 
 from musetalk_warm.config import TTSSettings
 from musetalk_warm.errors import ConfigError, DependencyMissing, TextError, TTSError
-from musetalk_warm.tts import TTS, EspeakTTS, OpenAITTS, load_tts
+from musetalk_warm.server import speaking
+from musetalk_warm.tts import (
+    TTS,
+    EspeakTTS,
+    OpenAITTS,
+    check_text,
+    load_tts,
+    openai_endpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +149,19 @@ def test_espeak_concurrent_calls_are_independent(espeak: EspeakTTS) -> None:
     for t in threads:
         t.join()
     assert results[0] < results[1] < results[2]
+
+
+def test_one_text_check_for_engines_and_server() -> None:
+    """The server and the engines share tts.check_text: one place says what text is acceptable."""
+    assert speaking.check_text is check_text
+    assert check_text("  hi \n") == "hi" and check_text("x" * 10, 10) == "x" * 10
+    with pytest.raises(TextError, match="empty"):
+        check_text(" \t ")
+    with pytest.raises(TextError, match="limit of 10"):
+        check_text("x" * 11, 10)
+
+
+@pytest.mark.parametrize("url", ["http://api.local", "http://api.local/", "http://api.local/v1", "http://api.local/v1/"])
+def test_openai_endpoint_accepts_root_or_v1(url: str) -> None:
+    assert openai_endpoint(url, "chat/completions") == "http://api.local/v1/chat/completions"
+    assert openai_endpoint(url, "audio/speech") == "http://api.local/v1/audio/speech"

@@ -10,6 +10,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import PayloadTooLarge
 from ..metrics import Metrics
 
+# Any other method string (clients may send anything) is counted as "other", so
+# label values stay a small fixed set.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class RequestContext:
     """Give each request an id (``X-Request-ID``) and count it by route and status."""
@@ -40,7 +44,8 @@ class RequestContext:
             route = scope.get("route")
             # The route template, not the raw path, keeps label cardinality bounded.
             name = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(name, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(name, method, str(status)).inc()
 
 
 class BodyLimit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,9 +19,9 @@ import numpy as np
 from ..audio import load_audio_native, speech_tracks
 from ..errors import TextError
 from ..session import SpeakResult, check_session_id
+from ..tts import check_text
 from .schemas import SpeakResponse
 from .state import Warm
-
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,22 @@ class Utterance:
     blend_mode: str | None = None
 
 
-def check_text(text: str, max_chars: int) -> str:
-    """The stripped text, or TextError when empty or over ``max_chars``."""
-    text = text.strip()
-    if not text:
-        raise TextError("text is empty", hint='send {"text": "something to say"}')
-    if len(text) > max_chars:
-        raise TextError(
-            f"text is {len(text)} characters, more than the limit of {max_chars}",
-            hint="split it into several /speak calls",
-        )
-    return text
+def check_utterance(warm: Warm, utterance: Utterance) -> tuple[Utterance, str]:
+    """The utterance with its text checked, and its session id; cheap, before any work.
+
+    Raises TextError, BadInput (bad id), NotFound (named session or avatar
+    unknown) or NotReady, so callers answer 4xx/503 before anything is queued.
+    """
+    runtime, _ = warm.require_ready()
+    settings = warm.settings
+    if utterance.text is not None:
+        utterance = replace(utterance, text=check_text(utterance.text, settings.server.max_text_chars))
+    session_id = check_session_id(utterance.session_id or settings.server.default_session)
+    if utterance.session_id is not None:
+        warm.store.require(session_id)
+    if utterance.avatar_id is not None:
+        runtime.avatar(utterance.avatar_id)
+    return utterance, session_id
 
 
 def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -57,6 +63,14 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
     if utterance.text is not None:
         samples, rate = tts.synthesize(utterance.text)
         timings["tts"] = time.perf_counter() - t0
+        # The same cap as uploads: a long text must not render minutes of video.
+        seconds = len(samples) / rate
+        if seconds > settings.server.max_audio_seconds:
+            raise TextError(
+                f"the speech for this text is {seconds:.1f} s long; the maximum is "
+                f"{settings.server.max_audio_seconds:g} s",
+                hint="send shorter text, split over several /speak calls",
+            )
     else:
         samples, rate = load_audio_native(
             utterance.audio or b"",
@@ -88,24 +102,22 @@ def _speak_sync(warm: Warm, utterance: Utterance, session_id: str) -> tuple[Spea
 
 async def speak(warm: Warm, utterance: Utterance, urls: SessionURLs) -> SpeakResponse:
     """Say ``utterance`` in its session and return the API response."""
-    runtime, _ = warm.require_ready()
-    settings = warm.settings
-    if utterance.text is not None:
-        utterance = replace(utterance, text=check_text(utterance.text, settings.server.max_text_chars))
-    session_id = check_session_id(utterance.session_id or settings.server.default_session)
-    if utterance.session_id is not None:
-        warm.store.require(session_id)  # NotFound before any work
-    if utterance.avatar_id is not None:
-        runtime.avatar(utterance.avatar_id)
+    response, _ = await speak_clip(warm, utterance, urls)
+    return response
+
+
+async def speak_clip(warm: Warm, utterance: Utterance, urls: SessionURLs) -> tuple[SpeakResponse, Path]:
+    """Like :func:`speak`, plus the new clip's file."""
+    utterance, session_id = check_utterance(warm, utterance)
     async with warm.session_lock(session_id):
         result, timings = await anyio.to_thread.run_sync(_speak_sync, warm, utterance, session_id)
     warm.metrics.observe_clip(timings, result.frames, result.duration_s)
     state = result.state
-    return SpeakResponse(
+    response = SpeakResponse(
         message=f"clip {result.clip_index} appended to session {session_id}",
         session_id=session_id,
         clip_index=result.clip_index,
-        clip_url=urls.clip(session_id, result.clip_index),
+        clip_url=urls.clip(session_id, state.generation, result.clip_index),
         session_video_url=urls.video(session_id),
         video_path=urls.video(session_id),
         download_url=urls.download(session_id),
@@ -117,6 +129,7 @@ async def speak(warm: Warm, utterance: Utterance, urls: SessionURLs) -> SpeakRes
         session_clips=state.clips,
         timings=timings,
     )
+    return response, result.clip_path
 
 
 class SessionURLs:
@@ -125,8 +138,9 @@ class SessionURLs:
     def __init__(self, url_path_for: Callable[..., Any]) -> None:
         self._for = url_path_for
 
-    def clip(self, session_id: str, index: int) -> str:
-        return str(self._for("session_clip", session_id=session_id, index=str(index)))
+    def clip(self, session_id: str, generation: str, index: int) -> str:
+        """A clip's URL; the generation in it keeps URLs unique across resets (and caches honest)."""
+        return str(self._for("session_clip", session_id=session_id, generation=generation, index=str(index)))
 
     def video(self, session_id: str) -> str:
         return str(self._for("session_video", session_id=session_id))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Settings
@@ -17,6 +20,14 @@ from .schemas import JobStatus
 if TYPE_CHECKING:
     from ..runtime import Runtime
     from ..tts import TTS
+
+
+@dataclass
+class _SessionQueue:
+    """A session's asyncio lock and how many requests hold or await it (dropped at zero)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass
@@ -32,8 +43,13 @@ class Warm:
     load_seconds: float | None = None
     started: float = field(default_factory=time.monotonic)
     jobs: OrderedDict[str, JobStatus] = field(default_factory=OrderedDict)
+    # A done job's clip file: its name carries the session generation, so after a
+    # reset /video/{id} finds nothing rather than the new session's clip.
+    job_clips: dict[str, Path] = field(default_factory=dict)
+    # Per session, the newest /chat job: the next one speaks after it (arrival order).
+    job_tails: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _session_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _session_locks: dict[str, _SessionQueue] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -47,6 +63,21 @@ class Warm:
             raise NotReady(f"the server failed to start: {self.load_error.message}", hint=self.load_error.hint)
         raise NotReady("models are still loading", hint="retry when GET /health reports ready")
 
-    def session_lock(self, session_id: str) -> asyncio.Lock:
-        """The per-session queue: asyncio.Lock wakes waiters first-come, first-served."""
-        return self._session_locks.setdefault(session_id, asyncio.Lock())
+    @asynccontextmanager
+    async def session_lock(self, session_id: str) -> AsyncIterator[None]:
+        """Hold the per-session queue: asyncio.Lock wakes waiters first-come, first-served.
+
+        The lock lives only while someone holds or awaits it, so requests for
+        unknown session ids leave nothing behind (all on the event loop: no guard).
+        """
+        queue = self._session_locks.get(session_id)
+        if queue is None:
+            queue = self._session_locks[session_id] = _SessionQueue()
+        queue.users += 1
+        try:
+            async with queue.lock:
+                yield
+        finally:
+            queue.users -= 1
+            if queue.users == 0:
+                del self._session_locks[session_id]

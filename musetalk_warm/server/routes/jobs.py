@@ -1,4 +1,9 @@
-"""The job API of the web app: POST /chat answers at once; poll /status/{id}; fetch /video/{id}."""
+"""The job API of the web app: POST /chat answers at once; poll /status/{id}; fetch /video/{id}.
+
+Jobs of one session speak in the order they were posted: LLM replies are fetched
+in parallel, but each job waits for the previous job of its session before it
+takes the session's queue.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...errors import MuseTalkWarmError, NotFound
+from ...tts import openai_endpoint
 from ..deps import AuthDep, WarmDep
 from ..schemas import ChatRequest, ErrorResponse, JobStatus
-from ..speaking import SessionURLs, Utterance, check_text, speak
+from ..speaking import SessionURLs, Utterance, check_utterance, speak_clip
 from ..state import Warm
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"], dependencies=[AuthDep])
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
-# Finished jobs beyond this many are forgotten, oldest first.
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 503)}
+# Finished jobs beyond this many are forgotten, oldest first (unfinished ones never).
 _MAX_JOBS = 1000
+_FINISHED = ("done", "error")
 _LLM_TIMEOUT_S = 60.0
 
 
@@ -34,20 +41,20 @@ class ReplyError(MuseTalkWarmError):
 
 async def _reply(warm: Warm, prompt: str) -> str:
     """The LLM's answer via an OpenAI-compatible chat endpoint, or an echo when none is configured."""
-    url = warm.settings.server.llm_url
-    if not url:
+    server = warm.settings.server
+    if not server.llm_url:
         return prompt
-    base = url.rstrip("/")
-    endpoint = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+    endpoint = openai_endpoint(server.llm_url, "chat/completions")
+    headers = {"Authorization": f"Bearer {server.llm_api_key}"} if server.llm_api_key else {}
     body = {
-        "model": warm.settings.server.llm_model,
+        "model": server.llm_model,
         "messages": [
             {"role": "system", "content": "You are a friendly talking avatar. Answer in one to three short sentences."},
             {"role": "user", "content": prompt},
         ],
     }
     try:
-        async with httpx.AsyncClient(timeout=_LLM_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(timeout=_LLM_TIMEOUT_S, headers=headers) as client:
             response = await client.post(endpoint, json=body)
         response.raise_for_status()
         return str(response.json()["choices"][0]["message"]["content"]).strip()
@@ -55,11 +62,27 @@ async def _reply(warm: Warm, prompt: str) -> str:
         raise ReplyError(f"the LLM endpoint failed ({type(exc).__name__})") from exc
 
 
-async def _run(warm: Warm, job: JobStatus, body: ChatRequest, urls: SessionURLs) -> None:
+async def _run(
+    warm: Warm, job: JobStatus, body: ChatRequest, urls: SessionURLs, previous: asyncio.Task[None] | None
+) -> None:
+    """Do the job; the task ends only after the session's previous job, even when this one
+    failed early, so a later job waiting on it can never overtake an earlier one."""
+    await _work(warm, job, body, urls, previous)
+    if previous is not None:
+        await asyncio.wait([previous])
+
+
+async def _work(
+    warm: Warm, job: JobStatus, body: ChatRequest, urls: SessionURLs, previous: asyncio.Task[None] | None
+) -> None:
+    """Reply, wait for the session's previous job, speak; the outcome goes into ``job``."""
     job.status = "running"
     try:
         job.reply = await _reply(warm, job.prompt)
-        result = await speak(warm, Utterance(job.reply, None, body.avatar_id, body.session_id), urls)
+        if previous is not None:
+            # Speak after the session's previous job, however that one ended (wait() never raises it).
+            await asyncio.wait([previous])
+        result, clip = await speak_clip(warm, Utterance(job.reply, None, body.avatar_id, body.session_id), urls)
     except MuseTalkWarmError as exc:
         job.status, job.error = "error", ErrorResponse(**exc.to_dict())
         return
@@ -68,22 +91,42 @@ async def _run(warm: Warm, job: JobStatus, body: ChatRequest, urls: SessionURLs)
         job.status = "error"
         job.error = ErrorResponse(error="internal_error", message="internal server error; see the server log")
         return
+    warm.job_clips[job.job_id] = clip
     job.result, job.video_url, job.status = result, result.clip_url, "done"
+
+
+def _forget_finished(warm: Warm) -> None:
+    """Drop the oldest finished jobs beyond ``_MAX_JOBS``; queued or running ones stay."""
+    excess = len(warm.jobs) - _MAX_JOBS
+    if excess <= 0:
+        return
+    finished = [job_id for job_id, job in warm.jobs.items() if job.status in _FINISHED][:excess]
+    for job_id in finished:
+        del warm.jobs[job_id]
+        warm.job_clips.pop(job_id, None)
 
 
 @router.post("/chat", response_model=JobStatus, status_code=202, responses=_ERRORS, summary="Start a reply job")
 async def chat(request: Request, warm: WarmDep, body: ChatRequest) -> JobStatus:
-    warm.require_ready()
-    prompt = check_text(body.text, warm.settings.server.max_text_chars)
-    job = JobStatus(job_id=uuid.uuid4().hex, status="queued", prompt=prompt)
-    jobs = warm.jobs
-    jobs[job.job_id] = job
-    while len(jobs) > _MAX_JOBS:
-        jobs.popitem(last=False)
-    task = asyncio.create_task(_run(warm, job, body, SessionURLs(request.app.url_path_for)))
+    # Text, session and avatar are checked now, so a bad request is a 4xx, not a failed job.
+    utterance, session_id = check_utterance(warm, Utterance(body.text, None, body.avatar_id, body.session_id))
+    assert utterance.text is not None
+    job = JobStatus(job_id=uuid.uuid4().hex, status="queued", prompt=utterance.text)
+    warm.jobs[job.job_id] = job
+    _forget_finished(warm)
+    previous = warm.job_tails.get(session_id)
+    task = asyncio.create_task(_run(warm, job, body, SessionURLs(request.app.url_path_for), previous))
+    warm.job_tails[session_id] = task
     warm.tasks.add(task)
     task.add_done_callback(warm.tasks.discard)
+    task.add_done_callback(lambda done: _untail(warm, session_id, done))
     return job
+
+
+def _untail(warm: Warm, session_id: str, task: asyncio.Task[None]) -> None:
+    """Forget a finished job as its session's newest, unless a later one took its place."""
+    if warm.job_tails.get(session_id) is task:
+        del warm.job_tails[session_id]
 
 
 def _job(warm: Warm, job_id: str) -> JobStatus:
@@ -101,7 +144,10 @@ async def status(warm: WarmDep, job_id: str) -> JobStatus:
 @router.get("/video/{job_id}", response_class=FileResponse, responses=_ERRORS, summary="A finished job's clip")
 async def video(warm: WarmDep, job_id: str) -> FileResponse:
     job = _job(warm, job_id)
-    if job.result is None:
+    path = warm.job_clips.get(job_id)
+    if job.result is None or path is None:
         raise NotFound(f"job {job_id!r} has no video ({job.status})", hint="poll /status until it is done")
-    path = warm.store.clip_path(job.result.session_id, job.result.clip_index)
+    if not path.is_file():
+        # The clip's name carries its session generation: after a reset it is gone, never replaced.
+        raise NotFound(f"the video of job {job_id!r} is gone: its session was reset")
     return FileResponse(path, media_type="video/mp4")

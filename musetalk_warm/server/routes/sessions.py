@@ -96,14 +96,14 @@ async def session_video(
 
 
 @router.get(
-    "/sessions/{session_id}/clips/{index}",
+    "/sessions/{session_id}/clips/{generation}/{index}",
     name="session_clip",
     response_class=FileResponse,
     responses={**_ERRORS, 200: {"content": {_MP4: {}}}, 206: {"content": {_MP4: {}}}},
-    summary="One clip of a session (1-based)",
+    summary="One clip of a session generation (1-based); 404 once the session was reset",
 )
-async def session_clip(warm: WarmDep, session_id: str, index: int) -> FileResponse:
-    return FileResponse(warm.store.clip_path(check_session_id(session_id), index), media_type=_MP4)
+async def session_clip(warm: WarmDep, session_id: str, generation: str, index: int) -> FileResponse:
+    return FileResponse(warm.store.clip_path(check_session_id(session_id), generation, index), media_type=_MP4)
 
 
 @router.get(
