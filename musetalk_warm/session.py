@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 from .config import RenderSettings, Settings, safe_name
 from .errors import BadInput, MediaError, NotFound
 from .files import atomic_write_bytes
+from .fmp4 import Fragment
 from .media import write_clip_mp4
 from .session_video import SessionVideo
 
@@ -282,6 +284,7 @@ class SessionStore:
         out_audio: np.ndarray | None = None,
         create: bool = True,
         render: RenderSettings | None = None,
+        on_fragment: Callable[[bytes, Fragment], None] | None = None,
     ) -> SpeakResult:
         """Render speech as the session's next clip and append it, all or nothing.
 
@@ -303,7 +306,8 @@ class SessionStore:
                 )
             video = self._video(session_id, state)
             rendered = runtime.render_clip(
-                audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail, render=render
+                audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail,
+                render=render, on_fragment=on_fragment,
             )
             timings = dict(rendered.timings)
             index = state.clips + 1

@@ -426,3 +426,25 @@ def test_tts_output_over_the_audio_limit_is_refused(
     body = _assert_clean_error(response, 422, "bad_text", root)
     assert "3.0 s long" in body["message"] and "maximum is 2 s" in body["message"]
     assert snapshot(folder) == before
+
+
+def test_speak_stream_sends_fragments_as_they_render(client: TestClient, tmp_path: Path) -> None:
+    client.post("/reset", json={"session_id": "live"})
+    text = "Streaming lets the first frames play while the rest of this sentence is still rendering."
+    with client.stream("POST", "/speak/stream", json={"text": text, "session_id": "live"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+        assert response.headers["x-session-id"] == "live"
+        chunks = [chunk for chunk in response.iter_raw() if chunk]
+    assert len(chunks) >= 3  # init + first fragment, then one chunk per fragment
+    assert chunks[0][4:8] == b"ftyp"
+    streamed = tmp_path / "streamed.mp4"
+    streamed.write_bytes(b"".join(chunks))
+    info = ffprobe(streamed)
+    state = client.get("/sessions/live").json()
+    # The streamed clip is the session's clip: same frames, appended as with /speak.
+    assert int(info["video"]["nb_read_packets"]) == state["frames"] and state["clips"] == 1
+    assert decodes(streamed)
+
+    bad = client.post("/speak/stream", json={"text": "  ", "session_id": "live"})
+    assert bad.status_code == 422 and bad.json()["error"] == "bad_text"
+    assert client.get("/sessions/live").json()["clips"] == 1

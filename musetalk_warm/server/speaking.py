@@ -7,8 +7,9 @@ session's first-come, first-served lock.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,15 @@ import numpy as np
 
 from ..audio import load_audio_native, speech_tracks
 from ..errors import TextError
+from ..fmp4 import Fragment
 from ..session import SpeakResult, check_session_id
 from ..tts import check_text
 from .schemas import SpeakResponse
 from .state import Warm
+
+
+FragmentSink = Callable[[bytes, Fragment], None]
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
     return speech16k, track, timings
 
 
-def _speak_sync(warm: Warm, utterance: Utterance, session_id: str) -> tuple[SpeakResult, dict[str, float]]:
+def _speak_sync(
+    warm: Warm, utterance: Utterance, session_id: str, on_fragment: FragmentSink | None = None
+) -> tuple[SpeakResult, dict[str, float]]:
     t0 = time.perf_counter()
     speech16k, track, timings = _speech(warm, utterance)
     runtime, _ = warm.require_ready()
@@ -91,7 +99,7 @@ def _speak_sync(warm: Warm, utterance: Utterance, session_id: str) -> tuple[Spea
         render = warm.settings.render.model_copy(update={"blend_mode": utterance.blend_mode})
     result = warm.store.speak(
         session_id, speech16k, utterance.avatar_id, runtime,
-        out_audio=track, create=utterance.session_id is None, render=render,
+        out_audio=track, create=utterance.session_id is None, render=render, on_fragment=on_fragment,
     )
     for stage, seconds in result.timings.items():
         # The runtime's own "audio" (padding) adds to decoding/resampling.
@@ -130,6 +138,55 @@ async def speak_clip(warm: Warm, utterance: Utterance, urls: SessionURLs) -> tup
         timings=timings,
     )
     return response, result.clip_path
+
+
+async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[bytes], str]:
+    """Say ``utterance``; its clip comes back as fragmented MP4 bytes while it renders.
+
+    Returns the byte stream (init segment, then each fragment as soon as it is
+    encoded) and the session id. Failures before the first fragment (text,
+    speech, a busy GPU) are raised here, so the caller still answers with an
+    error status; a later failure ends the stream early and, as with /speak,
+    leaves the session unchanged. The clip is appended to the session as usual.
+    """
+    utterance, session_id = check_utterance(warm, utterance)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def on_fragment(init: bytes, fragment: Fragment) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, ("data", (init, fragment.data)))
+
+    async def work() -> None:
+        try:
+            async with warm.session_lock(session_id):
+                result, timings = await anyio.to_thread.run_sync(
+                    _speak_sync, warm, utterance, session_id, on_fragment
+                )
+            warm.metrics.observe_clip(timings, result.frames, result.duration_s)
+            events.put_nowait(("done", None))
+        except Exception as exc:  # handed to the response, which reports or aborts
+            events.put_nowait(("error", exc))
+
+    # The clip is finished and appended even if the client goes away mid-stream.
+    task = asyncio.create_task(work())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    kind, value = await events.get()
+    if kind == "error":
+        raise value
+
+    async def body() -> AsyncIterator[bytes]:
+        init, data = value
+        yield init + data
+        while True:
+            kind, item = await events.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item[1]
+
+    return body(), session_id
 
 
 class SessionURLs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -13,7 +14,7 @@ from ...blend import BLEND_MODES
 from ...errors import AudioError, BadInput
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, SpeakRequest, SpeakResponse
-from ..speaking import SessionURLs, Utterance, speak
+from ..speaking import SessionURLs, Utterance, speak, speak_stream
 
 router = APIRouter(tags=["speak"], dependencies=[AuthDep])
 
@@ -76,9 +77,25 @@ async def _from_json(request: Request) -> Utterance:
     summary="Say text (JSON) or an uploaded audio file (multipart) as the session's next clip",
 )
 async def speak_route(request: Request, warm: WarmDep) -> SpeakResponse:
+    return await speak(warm, await _utterance(request), SessionURLs(request.app.url_path_for))
+
+
+@router.post(
+    "/speak/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"video/mp4": {}}, "description": "fragmented MP4, sent as it renders"}, **_ERRORS},
+    openapi_extra=_OPENAPI_BODY,
+    summary="Like /speak, but the clip streams back as fragmented MP4 while it renders",
+)
+async def speak_stream_route(request: Request, warm: WarmDep) -> StreamingResponse:
+    body, session_id = await speak_stream(warm, await _utterance(request))
+    return StreamingResponse(
+        body, media_type="video/mp4", headers={"X-Session-Id": session_id, "Cache-Control": "no-store"}
+    )
+
+
+async def _utterance(request: Request) -> Utterance:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        utterance = await _from_form(request)
-    else:
-        utterance = await _from_json(request)
-    return await speak(warm, utterance, SessionURLs(request.app.url_path_for))
+        return await _from_form(request)
+    return await _from_json(request)
