@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -187,18 +187,6 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     tts: TTSSettings = TTSSettings()
     server: ServerSettings = ServerSettings()
-
-    @model_validator(mode="after")
-    def _gapless_clips(self) -> Settings:
-        fps, rate = self.avatar.fps, self.media.audio_rate
-        seconds = clip_quantum(fps, rate) / rate
-        if seconds > MAX_QUANTUM_S:
-            raise ValueError(
-                f"avatar.fps {fps} with media.audio_rate {rate} would pad every clip to a multiple of "
-                f"{seconds:.2f} s (whole video and AAC frames); use 25 fps (16000, 32000 or 48000 Hz) "
-                f"or 30 fps (48000 Hz)"
-            )
-        return self
 
     @classmethod
     def settings_customise_sources(

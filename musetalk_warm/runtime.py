@@ -24,7 +24,7 @@ from .audio import resample
 from .avatar import Avatar, load_avatar
 from .config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
-from .errors import AudioError, AvatarCacheError, NotFound
+from .errors import AudioError, AvatarCacheError, ConfigError, NotFound
 from .audio import SAMPLE_RATE, num_frames
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,12 @@ class Runtime:
 
     def _check_avatar(self, avatar: Avatar) -> None:
         rate = self.settings.media.audio_rate
-        if clip_quantum(avatar.fps, rate) / rate > MAX_QUANTUM_S:
-            raise AvatarCacheError(
-                f"avatar {avatar.avatar_id!r} runs at {avatar.fps} fps, which cannot make gapless clips "
-                f"at {rate} Hz",
-                hint="prepare it at 25 fps (or 30 fps with 48000 Hz audio)",
+        seconds = clip_quantum(avatar.fps, rate) / rate
+        if seconds > MAX_QUANTUM_S:
+            raise ConfigError(
+                f"avatar {avatar.avatar_id!r} at {avatar.fps} fps with media.audio_rate {rate} would pad every "
+                f"clip to a multiple of {seconds:.2f} s (whole video and AAC frames)",
+                hint="use 25 fps (16000, 32000 or 48000 Hz) or 30 fps (48000 Hz)",
             )
         if self.models is not None and (
             avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id  # type: ignore[attr-defined]

@@ -270,3 +270,17 @@ def test_fragments_stream_while_the_clip_renders(lite_runtime: Runtime, speech_1
     assert b"".join(chunks) == result.clip.init + b"".join(f.data for f in result.clip.fragments)
     info = probe(streamed)
     assert info.frame_count == result.frames and info.video_codec == "h264"
+
+
+@pytest.mark.parametrize(("section", "values", "needle"), [
+    ("avatar", {"fps": 24, "demo_seconds": 0.5}, "2.67 s"),
+    ("media", {"audio_rate": 44100}, "10.24 s"),
+])
+def test_fps_and_rate_that_cannot_make_gapless_clips_are_refused_at_load(
+    tmp_path: Path, section: str, values: dict, needle: str
+) -> None:
+    from musetalk_warm.errors import ConfigError
+
+    settings = make_settings(tmp_path, **{section: values})
+    with pytest.raises(ConfigError, match=needle):
+        Runtime.load(settings)
