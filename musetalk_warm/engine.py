@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import blend
+from .audio import SAMPLE_RATE
 from .avatar import Avatar
 from .config import RenderSettings
 from .errors import AvatarCacheError, ResourceExhausted
@@ -123,10 +124,8 @@ class RenderEngine:
 
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
-        frames = max(1, self.settings.batch_size)
-        silence = np.zeros(frames * 16000 // avatar.fps + 1, np.float32)
-        for _ in self.render(silence, avatar, 0):
-            pass
+        silence = np.zeros(-(-self.settings.batch_size * SAMPLE_RATE // avatar.fps), np.float32)
+        deque(self.render(silence, avatar, 0), maxlen=0)  # run it, keep nothing
 
     def render(
         self,
