@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
 from .errors import AudioError, AvatarCacheError, ConfigError, NotFound
 from .audio import SAMPLE_RATE, num_frames
+
+if TYPE_CHECKING:
+    from .models import Models
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ class RenderedClip:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def build_renderer(settings: Settings) -> tuple[MouthRenderer, object | None]:
+def build_renderer(settings: Settings) -> tuple[MouthRenderer, Models | None]:
     """The renderer the settings ask for, and the models behind it (None for lite)."""
     choice = settings.models.renderer
     if choice in ("auto", "musetalk", "tiny"):
@@ -58,19 +62,19 @@ def build_renderer(settings: Settings) -> tuple[MouthRenderer, object | None]:
     return LiteRenderer(), None
 
 
-def latent_encoder(models: object | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
+def latent_encoder(models: Models | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
     """The VAE crop encoder for avatar preparation and its id (None, None without models)."""
     if models is None:
         return None, None
     from .models import encode_latents
 
-    return partial(encode_latents, models), models.vae_id  # type: ignore[attr-defined]
+    return partial(encode_latents, models), models.vae_id
 
 
 class Runtime:
     """Models, renderer and avatars of one process."""
 
-    def __init__(self, settings: Settings, renderer: MouthRenderer, models: object | None,
+    def __init__(self, settings: Settings, renderer: MouthRenderer, models: Models | None,
                  avatars: dict[str, Avatar]) -> None:
         self.settings = settings
         self.renderer = renderer
@@ -97,7 +101,7 @@ class Runtime:
 
     @property
     def device(self) -> str:
-        return str(getattr(self.models, "device", "cpu"))
+        return "cpu" if self.models is None else str(self.models.device)
 
     @property
     def avatar_ids(self) -> list[str]:
@@ -122,7 +126,7 @@ class Runtime:
                 hint="use 25 fps (16000, 32000 or 48000 Hz) or 30 fps (48000 Hz)",
             )
         if self.models is not None and (
-            avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id  # type: ignore[attr-defined]
+            avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id
         ):
             raise AvatarCacheError(
                 f"avatar {avatar.avatar_id!r} was prepared for another VAE",
