@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -98,12 +99,22 @@ def read_frames(source: Source, settings: Settings) -> np.ndarray:
         if image is None:
             raise BadInput(f"avatar image {source.name} cannot be read")
         return image[None]
-    from .decode import iter_video_frames
+    from .decode import iter_video_frames, probe
 
-    frames = list(islice(iter_video_frames(source.path, cfg.fps), limit))
-    if not frames:
+    # One preallocated array (a list of frames then np.stack would hold every frame twice).
+    expected = min(math.ceil(probe(source.path).video_duration * cfg.fps) + 1, limit or 2**31)
+    frames: np.ndarray | None = None
+    count = 0
+    for count, frame in enumerate(islice(iter_video_frames(source.path, cfg.fps), limit), start=1):
+        if frames is None or count > len(frames):
+            grown = np.empty((max(expected, 2 * count), *frame.shape), np.uint8)
+            if frames is not None:
+                grown[: count - 1] = frames[: count - 1]
+            frames = grown
+        frames[count - 1] = frame
+    if frames is None:
         raise BadInput(f"avatar video {source.name} has no frames")
-    return np.stack(frames)
+    return frames[:count]
 
 
 def prep_params(settings: Settings, mask_source: str) -> dict[str, Any]:
