@@ -40,7 +40,7 @@ def clip_quantum(fps: int, rate: int) -> int:
     """Output samples in the shortest clip that is a whole number of video frames and AAC frames.
 
     Every clip is padded with silence to a multiple of this, so appended clips stay
-    gapless and in sync (320 ms at 25 fps for 16, 32 or 48 kHz).
+    gapless and in sync (320 ms at 25 fps with 16 or 48 kHz, 160 ms with 32 kHz).
     """
     if rate % fps:
         raise ConfigError(f"media.audio_rate {rate} is not a whole number of samples per frame at {fps} fps")
@@ -139,8 +139,9 @@ class MediaSettings(_Section):
     @field_validator("audio_rate")
     @classmethod
     def _aac_rate(cls, value: int) -> int:
-        if value not in (16000, 24000, 32000, 44100, 48000):
-            raise ValueError("audio_rate must be one of 16000, 24000, 32000, 44100, 48000")
+        # Only these give whole AAC and video frames within a short clip quantum at 25 fps.
+        if value not in (16000, 32000, 48000):
+            raise ValueError("audio_rate must be one of 16000, 32000, 48000")
         return value
 
 

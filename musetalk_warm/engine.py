@@ -101,6 +101,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+_GROW_AFTER = 8  # clean batches before a batch reduced by an OOM doubles again
+
+
 def _free_accelerator() -> None:
     import torch
 
@@ -119,8 +122,10 @@ class RenderEngine:
         # fairly between concurrent sessions, batch by batch.
         self._accelerator = ThreadPoolExecutor(1, thread_name_prefix="accelerator")
         self._composite_pool = ThreadPoolExecutor(settings.composite_workers, thread_name_prefix="composite")
-        # After an accelerator OOM, the batch that fitted; later batches start there.
+        # After an accelerator OOM, the batch that fitted: later batches start there and
+        # grow back after a run of clean batches (the memory may have been freed).
         self._max_step: int | None = None
+        self._clean_batches = 0
 
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
@@ -170,23 +175,35 @@ class RenderEngine:
         while True:
             try:
                 t0 = time.perf_counter()
-                parts = [
-                    self.renderer.generate(avatar, cond[i : i + step], src[i : i + step])
-                    for i in range(0, len(src), step)
-                ]
+                parts = []
+                for i in range(0, len(src), step):
+                    parts.append(self.renderer.generate(avatar, cond[i : i + step], src[i : i + step]))
+                    self._recover()
                 stats.add("generate_s", time.perf_counter() - t0)
                 return np.concatenate(parts) if len(parts) > 1 else parts[0]
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
                 _free_accelerator()
+                self._clean_batches = 0
                 if step == 1:
+                    self._max_step = None  # nothing fits now; don't pin later clips to batch 1
                     raise ResourceExhausted(
                         "the accelerator ran out of memory even at batch size 1",
                         hint="free GPU memory or run fewer sessions per GPU",
                     ) from exc
                 step = self._max_step = max(1, step // 2)
                 log.warning("out of memory; batches now at most %d frames", step)
+
+    def _recover(self) -> None:
+        if self._max_step is None:
+            return
+        self._clean_batches += 1
+        if self._clean_batches >= _GROW_AFTER:
+            self._clean_batches = 0
+            self._max_step *= 2
+            if self._max_step >= self.settings.batch_size:
+                self._max_step = None
 
     def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
         # The face was generated from the crop cut at this placement (prep), so it goes back there.

@@ -158,7 +158,9 @@ class ClipEncoder:
 
     def _add_video(self, width: int, height: int, settings: MediaSettings) -> av.video.stream.VideoStream:
         gop = max(1, round(settings.gop_seconds * self._fps))
-        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:open-gop=0"
+        # No lookahead: a fragment can leave as soon as its last frame is encoded
+        # (streaming), instead of ~12 frames later.
+        params = f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:open-gop=0:rc-lookahead=0:sync-lookahead=0"
         options = {
             "crf": str(settings.crf),
             "preset": settings.preset,

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .avatar import CROP_SIZE, Avatar, cache_is_current, load_avatar, save_avatar
 from .config import Settings
 from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
-from .errors import BadInput, ConfigError, FaceNotFound
+from .errors import BadInput, ConfigError, FaceNotFound, MediaError
 from .landmarks import Detection, LandmarkDetector, make_detector
 from .masks import Box, blend_mask, crop_box, landmark_segment
 from .stabilise import crop_face, placed_box, plan
@@ -53,6 +53,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".
 PARSING_CHECKPOINT = "79999_iter.pth"
 _VERSIONED = ("numpy", "opencv-contrib-python", "mediapipe", "scikit-image", "musetalk-warm")
 # The render settings that change placements (and so crops, latents and masks).
+_PREALLOC_FRAMES = 1500  # a minute at 25 fps; longer sources grow the array geometrically
 STABILISER_SETTINGS = (
     "one_euro_enabled", "one_euro_center", "one_euro_size", "jump_reset_px",
     "scale_lock_enabled", "scale_lock_frames", "affine_enabled", "subpixel_enabled",
@@ -101,8 +102,13 @@ def read_frames(source: Source, settings: Settings) -> np.ndarray:
         return image[None]
     from .decode import iter_video_frames, probe
 
-    # One preallocated array (a list of frames then np.stack would hold every frame twice).
-    expected = min(math.ceil(probe(source.path).video_duration * cfg.fps) + 1, limit or 2**31)
+    # One preallocated array (a list of frames then np.stack would hold every frame twice),
+    # sized from the probed duration but never trusting a broken timestamp with a huge one.
+    try:
+        expected = math.ceil(probe(source.path).video_duration * cfg.fps) + 1
+    except MediaError:  # unreadable timestamps: grow as frames arrive
+        expected = 1
+    expected = max(1, min(expected, limit or _PREALLOC_FRAMES, _PREALLOC_FRAMES))
     frames: np.ndarray | None = None
     count = 0
     for count, frame in enumerate(islice(iter_video_frames(source.path, cfg.fps), limit), start=1):

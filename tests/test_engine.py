@@ -104,6 +104,7 @@ class _Counting:
 
     def __init__(self, inner: LiteRenderer, max_batch: int | None = None, max_audio: int | None = None) -> None:
         self.inner, self.max_batch, self.max_audio, self.calls, self.sizes = inner, max_batch, max_audio, 0, []
+        self.attempts: list[int] = []
         self.name = inner.name
 
     def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
@@ -113,6 +114,7 @@ class _Counting:
 
     def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
         self.calls += 1
+        self.attempts.append(len(src_idx))
         if self.max_batch is not None and len(src_idx) > self.max_batch:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         self.sizes.append(len(src_idx))
@@ -141,19 +143,28 @@ def test_oom_halves_the_batch_then_reports(lite_runtime: Runtime, speech_16k: np
     frames = list(engine.render(speech_16k[:16000], avatar, 0, stats=stats))
     assert len(frames) == 25 and stats.frames == 25
     assert max(counting.sizes) == 2
-    # The batch that fitted is remembered: the next clip does not run out of memory again.
-    calls = counting.calls
-    list(engine.render(speech_16k[:16000], avatar, 0))
-    assert counting.calls - calls == math.ceil(25 / 2)
+    # The batch that fitted is remembered: the next clip starts there, not at 8 again,
+    # and tries a doubled batch only after a run of clean ones.
+    before = len(counting.attempts)
+    list(engine.render(speech_16k[:32000], avatar, 0))
+    later = counting.attempts[before:]
+    assert later[0] == 2 and 8 not in later
+    grown = later.index(4)  # a doubled batch is tried after clean ones, fails, and falls back
+    assert grown >= 3 and set(later[:grown]) == {2} and later[grown + 1] == 2
 
     long_audio = RenderEngine(_Counting(LiteRenderer(), max_audio=8000), settings)
     with pytest.raises(ResourceExhausted, match="encoding the audio"):
         list(long_audio.render(speech_16k[:16000], avatar, 0))
     long_audio.close()
 
-    hopeless = RenderEngine(_Counting(LiteRenderer(), max_batch=0), settings)
+    hopeless_renderer = _Counting(LiteRenderer(), max_batch=0)
+    hopeless = RenderEngine(hopeless_renderer, settings)
     with pytest.raises(ResourceExhausted, match="out of memory"):
         list(hopeless.render(speech_16k[:16000], avatar, 0))
+    # A clip that failed even at batch 1 does not pin later clips to batch 1.
+    hopeless_renderer.max_batch = None
+    list(hopeless.render(speech_16k[:16000], avatar, 0))
+    assert hopeless_renderer.attempts[-4:] == [8, 8, 8, 1]
     engine.close()
     hopeless.close()
 
@@ -281,15 +292,29 @@ def test_fragments_stream_while_the_clip_renders(
     assert info.frame_count == result.frames and info.video_codec == "h264"
 
 
-@pytest.mark.parametrize(("section", "values", "needle"), [
-    ("avatar", {"fps": 24, "demo_seconds": 0.5}, "2.67 s"),
-    ("media", {"audio_rate": 44100}, "10.24 s"),
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"avatar": {"fps": 24, "demo_seconds": 0.5}}, "2.67 s"),
+    ({"avatar": {"fps": 30, "demo_seconds": 0.5}, "media": {"audio_rate": 32000}}, "samples per frame"),
 ])
 def test_fps_and_rate_that_cannot_make_gapless_clips_are_refused_at_load(
-    tmp_path: Path, section: str, values: dict, needle: str
+    tmp_path: Path, overrides: dict, needle: str
 ) -> None:
     from musetalk_warm.errors import ConfigError
 
-    settings = make_settings(tmp_path, **{section: values})
+    settings = make_settings(tmp_path, **overrides)
     with pytest.raises(ConfigError, match=needle):
         Runtime.load(settings)
+
+
+def test_render_clip_uses_the_requested_blend_mode(lite_runtime: Runtime, speech_16k: np.ndarray) -> None:
+    audio = speech_16k[8000:24000]
+    base = lite_runtime.settings.render
+    clips = {
+        mode: lite_runtime.render_clip(audio, None, 5, render=base.model_copy(update={"blend_mode": mode})).clip
+        for mode in ("feather", "poisson")
+    }
+    default = lite_runtime.render_clip(audio, None, 5).clip
+    data = {k: b"".join(f.data for f in c.fragments) for k, c in clips.items()}
+    assert base.blend_mode == "feather"
+    assert b"".join(f.data for f in default.fragments) == data["feather"]  # deterministic
+    assert data["poisson"] != data["feather"]

@@ -448,3 +448,30 @@ def test_speak_stream_sends_fragments_as_they_render(client: TestClient, tmp_pat
     bad = client.post("/speak/stream", json={"text": "  ", "session_id": "live"})
     assert bad.status_code == 422 and bad.json()["error"] == "bad_text"
     assert client.get("/sessions/live").json()["clips"] == 1
+
+
+def test_speak_stream_first_bytes_arrive_before_the_clip_is_rendered(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warm = client.app.state.warm
+    engine = warm.runtime.engine
+    render = engine.render
+    release = threading.Event()
+
+    def held_render(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for i, frame in enumerate(render(*args, **kwargs)):
+            if i == 60:  # past the first fragments: wait until the test has seen bytes
+                assert release.wait(60), "the client never received the first fragment"
+            yield frame
+
+    monkeypatch.setattr(engine, "render", held_render)
+    client.post("/reset", json={"session_id": "held"})
+    text = "This sentence is long enough to make several seconds of speech, so the clip has many fragments."
+    with client.stream("POST", "/speak/stream", json={"text": text, "session_id": "held"}) as response:
+        chunks = response.iter_raw()
+        first = next(chunks)
+        assert first[4:8] == b"ftyp" and not release.is_set()  # bytes came while rendering was held
+        release.set()
+        rest = b"".join(chunks)
+    assert len(first) + len(rest) > len(first)
+    assert client.get("/sessions/held").json()["clips"] == 1

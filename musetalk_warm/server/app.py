@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Multipart framing around an upload of exactly max_upload_bytes.
 _MULTIPART_SLACK = 64 * 1024
 
+SHUTDOWN_GRACE_S = 60.0
+
 
 def _default_runtime(settings: Settings) -> Any:
     from ..runtime import Runtime
@@ -81,6 +83,10 @@ def create_app(
         try:
             yield
         finally:
+            loader.cancel()
+            if warm.tasks:
+                # Clips in flight (streams, chat jobs) finish and are appended before the models go.
+                await asyncio.wait(set(warm.tasks), timeout=SHUTDOWN_GRACE_S)
             pending = [loader, *warm.tasks]
             for task in pending:
                 task.cancel()

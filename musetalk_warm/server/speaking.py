@@ -8,6 +8,7 @@ session's first-come, first-served lock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -27,7 +28,7 @@ from .state import Warm
 
 
 FragmentSink = Callable[[bytes, Fragment], None]
-_BACKGROUND: set[asyncio.Task[None]] = set()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,13 @@ async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[
     utterance, session_id = check_utterance(warm, utterance)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    streaming = False
 
     def on_fragment(init: bytes, fragment: Fragment) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, ("data", (init, fragment.data)))
+        nonlocal streaming
+        streaming = True
+        if not loop.is_closed():  # the server may be shutting down; the clip is still appended
+            loop.call_soon_threadsafe(events.put_nowait, ("data", (init, fragment.data)))
 
     async def work() -> None:
         try:
@@ -164,13 +169,18 @@ async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[
                 )
             warm.metrics.observe_clip(timings, result.frames, result.duration_s)
             events.put_nowait(("done", None))
-        except Exception as exc:  # handed to the response, which reports or aborts
+        except Exception as exc:
+            if streaming:  # the response already started: nobody else will report it
+                code = getattr(exc, "code", "internal_error")
+                log.error("stream of session %s failed after it started (%s): %s", session_id, code, exc)
+                warm.metrics.errors.labels(code).inc()
             events.put_nowait(("error", exc))
 
-    # The clip is finished and appended even if the client goes away mid-stream.
+    # The clip is finished and appended even if the client goes away mid-stream;
+    # shutdown waits for it (warm.tasks) before the models are released.
     task = asyncio.create_task(work())
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    warm.tasks.add(task)
+    task.add_done_callback(warm.tasks.discard)
     kind, value = await events.get()
     if kind == "error":
         raise value
