@@ -86,9 +86,12 @@ def _request(speech: list[Path], i: int) -> dict[str, Any]:
 
 
 def bench_speak(settings: Settings, requests: int, speech: list[Path]) -> dict[str, Any]:
-    """/speak latency over HTTP; the first request is a warm-up and not counted."""
+    """/speak latency over HTTP (the first request is a warm-up, not counted), then the
+    same requests through /speak/stream: time to the first bytes and to the end."""
     server, thread, url = _serve(settings)
     walls: list[float] = []
+    first_bytes: list[float] = []
+    stream_walls: list[float] = []
     stages: dict[str, list[float]] = {}
     durations: list[float] = []
     try:
@@ -107,6 +110,18 @@ def bench_speak(settings: Settings, requests: int, speech: list[Path]) -> dict[s
                 durations.append(body["duration"])
                 for stage, seconds in body["timings"].items():
                     stages.setdefault(stage, []).append(seconds)
+            # The same requests through /speak/stream: when the first bytes (init segment and
+            # first one-second fragment) arrive, and when the last one does.
+            for i in range(1, requests + 1):
+                t0 = time.perf_counter()
+                with client.stream("POST", "/speak/stream", **_request(speech, i)) as response:
+                    response.raise_for_status()
+                    chunks = response.iter_raw()
+                    next(chunks)
+                    first_bytes.append(time.perf_counter() - t0)
+                    for _ in chunks:
+                        pass
+                stream_walls.append(time.perf_counter() - t0)
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -118,6 +133,8 @@ def bench_speak(settings: Settings, requests: int, speech: list[Path]) -> dict[s
         "http_latency": _summary(walls),
         "realtime_factor_p50": round(float(np.percentile(walls, 50)) / statistics.fmean(durations), 3),
         "stages": {stage: _summary(values) for stage, values in sorted(stages.items())},
+        "stream_first_bytes": _summary(first_bytes),
+        "stream_total": _summary(stream_walls),
     }
 
 
