@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -260,6 +260,9 @@ class RenderEngine:
         finally:
             for _, fut in pending:
                 fut.cancel()
+            # A batch already on the accelerator finishes before the render returns, so no
+            # work of a closed or failed render runs on behind the caller's back.
+            wait([fut for _, fut in pending])
 
     def close(self) -> None:
         """Stop the accelerator and compositing threads."""
