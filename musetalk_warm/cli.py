@@ -15,9 +15,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from .config import Settings, load_settings
+from .config import Settings, apply_assignments, load_settings
 from .errors import BadInput, MuseTalkWarmError
 
 DEMO_TEXT = (
@@ -61,13 +60,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         if "." in dest and value is not None:
             section, key = dest.split(".", 1)
             overrides.setdefault(section, {})[key] = value
-    for item in args.set:
-        name, sep, raw = item.partition("=")
-        if not sep or "." not in name:
-            raise BadInput(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        section, key = name.split(".", 1)
-        overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
-    return load_settings(args.config, overrides)
+    return load_settings(args.config, apply_assignments(overrides, args.set))
 
 
 def _print(data: dict[str, Any]) -> None:

@@ -213,6 +213,17 @@ def safe_name(value: str, what: str) -> str:
     return value
 
 
+def apply_assignments(overrides: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """Add ``SECTION.KEY=VALUE`` strings (values parsed as YAML scalars) to nested ``overrides``."""
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or "." not in name:
+            raise ConfigError(f"expected SECTION.KEY=VALUE, got {item!r}")
+        section, key = name.split(".", 1)
+        overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
+    return overrides
+
+
 def _check_yaml(path: Path) -> None:
     try:
         data = yaml.safe_load(path.read_text())

@@ -26,10 +26,9 @@ from typing import Any
 import httpx
 import numpy as np
 import uvicorn
-import yaml
 
 from musetalk_warm.audio import SAMPLE_RATE, load_audio, resample
-from musetalk_warm.config import Settings, load_settings
+from musetalk_warm.config import Settings, apply_assignments, load_settings
 from musetalk_warm.session_video import SessionVideo
 from musetalk_warm.runtime import Runtime
 from musetalk_warm.server import create_app
@@ -206,11 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             "avatar": {"demo_seconds": args.demo_seconds, "cache_dir": args.cache_dir or str(work / "avatars")},
             "server": {"sessions_dir": str(work / "sessions")},
         }
-        for item in args.set:
-            name, _, raw = item.partition("=")
-            section, key = name.split(".", 1)
-            overrides.setdefault(section, {})[key] = yaml.safe_load(raw)
-        settings = load_settings(args.config, overrides)
+        settings = load_settings(args.config, apply_assignments(overrides, args.set))
         speech = sorted(Path(args.speech_dir).glob("*.wav")) if args.speech_dir else []
         result = {
             "host": {"machine": platform.machine(), "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0))},

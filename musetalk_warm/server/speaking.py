@@ -115,12 +115,20 @@ async def speak(warm: Warm, utterance: Utterance, urls: SessionURLs) -> SpeakRes
     return response
 
 
+async def _say(
+    warm: Warm, utterance: Utterance, session_id: str, on_fragment: FragmentSink | None = None
+) -> tuple[SpeakResult, dict[str, float]]:
+    """The session's next clip: queued behind the session's earlier requests, made in a worker thread."""
+    async with warm.session_lock(session_id):
+        result, timings = await anyio.to_thread.run_sync(_speak_sync, warm, utterance, session_id, on_fragment)
+    warm.metrics.observe_clip(timings, result.frames, result.duration_s)
+    return result, timings
+
+
 async def speak_clip(warm: Warm, utterance: Utterance, urls: SessionURLs) -> tuple[SpeakResponse, Path]:
     """Like :func:`speak`, plus the new clip's file."""
     utterance, session_id = check_utterance(warm, utterance)
-    async with warm.session_lock(session_id):
-        result, timings = await anyio.to_thread.run_sync(_speak_sync, warm, utterance, session_id)
-    warm.metrics.observe_clip(timings, result.frames, result.duration_s)
+    result, timings = await _say(warm, utterance, session_id)
     state = result.state
     response = SpeakResponse(
         message=f"clip {result.clip_index} appended to session {session_id}",
@@ -163,11 +171,7 @@ async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[
 
     async def work() -> None:
         try:
-            async with warm.session_lock(session_id):
-                result, timings = await anyio.to_thread.run_sync(
-                    _speak_sync, warm, utterance, session_id, on_fragment
-                )
-            warm.metrics.observe_clip(timings, result.frames, result.duration_s)
+            await _say(warm, utterance, session_id, on_fragment)
             events.put_nowait(("done", None))
         except Exception as exc:
             if streaming:  # the response already started: nobody else will report it
@@ -176,11 +180,8 @@ async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[
                 warm.metrics.errors.labels(code).inc()
             events.put_nowait(("error", exc))
 
-    # The clip is finished and appended even if the client goes away mid-stream;
-    # shutdown waits for it (warm.tasks) before the models are released.
-    task = asyncio.create_task(work())
-    warm.tasks.add(task)
-    task.add_done_callback(warm.tasks.discard)
+    # The clip is finished and appended even if the client goes away mid-stream.
+    warm.spawn(work())
     kind, value = await events.get()
     if kind == "error":
         raise value

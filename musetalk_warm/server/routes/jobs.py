@@ -115,10 +115,8 @@ async def chat(request: Request, warm: WarmDep, body: ChatRequest) -> JobStatus:
     warm.jobs[job.job_id] = job
     _forget_finished(warm)
     previous = warm.job_tails.get(session_id)
-    task = asyncio.create_task(_run(warm, job, body, SessionURLs(request.app.url_path_for), previous))
+    task = warm.spawn(_run(warm, job, body, SessionURLs(request.app.url_path_for), previous))
     warm.job_tails[session_id] = task
-    warm.tasks.add(task)
-    task.add_done_callback(warm.tasks.discard)
     task.add_done_callback(lambda done: _untail(warm, session_id, done))
     return job
 
