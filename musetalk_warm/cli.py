@@ -68,8 +68,8 @@ def _print(data: dict[str, Any]) -> None:
 
 
 def _cmd_prep(args: argparse.Namespace) -> None:
-    from .prep import prepare_avatar
-    from .runtime import build_renderer, latent_encoder
+    from .avatars.prep import prepare_avatar
+    from .render.runtime import build_renderer, latent_encoder
 
     settings = _settings(args)
     t0 = time.perf_counter()
@@ -87,18 +87,18 @@ def _cmd_prep(args: argparse.Namespace) -> None:
 def _speech(settings: Settings, text: str | None, audio_path: str | None) -> tuple[Any, int]:
     """(samples, rate) from an audio file or from text via the configured TTS."""
     if audio_path:
-        from .audio import load_audio_native
+        from .media.audio import load_audio_native
 
         return load_audio_native(Path(audio_path), max_seconds=settings.server.max_audio_seconds)
-    from .tts import load_tts
+    from .voice.tts import load_tts
 
     return load_tts(settings.tts).synthesize(text or DEMO_TEXT)
 
 
 def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str | None) -> dict[str, Any]:
-    from .audio import speech_tracks
-    from .media import write_clip_mp4
-    from .runtime import Runtime
+    from .media.audio import speech_tracks
+    from .media.encode import write_clip_mp4
+    from .render.runtime import Runtime
 
     t0 = time.perf_counter()
     runtime = Runtime.load(settings)

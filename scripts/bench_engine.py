@@ -27,14 +27,14 @@ import cv2
 import numpy as np
 import torch
 
-from musetalk_warm.avatar import Avatar
-from musetalk_warm.blend import BLEND_MODES, composite
+from musetalk_warm.avatars.cache import Avatar
+from musetalk_warm.render.blend import BLEND_MODES, composite
 from musetalk_warm.config import MediaSettings, RenderSettings
-from musetalk_warm.engine import MuseTalkRenderer, RenderEngine
-from musetalk_warm.masks import blend_mask, crop_box
+from musetalk_warm.render.engine import MuseTalkRenderer, RenderEngine
+from musetalk_warm.avatars.masks import blend_mask, crop_box
 from musetalk_warm.config import clip_quantum
-from musetalk_warm.media import ClipEncoder, pad_to_quantum
-from musetalk_warm.models import (
+from musetalk_warm.media.encode import ClipEncoder, pad_to_quantum
+from musetalk_warm.models.musetalk import (
     Models,
     decode_latents,
     encode_latents,
@@ -44,7 +44,7 @@ from musetalk_warm.models import (
     tiny_models,
     unet_step,
 )
-from musetalk_warm.stabilise import box_transform, boxes_center_size
+from musetalk_warm.avatars.stabilise import box_transform, boxes_center_size
 
 SHAPES = Path(__file__).resolve().parent.parent / "configs" / "models" / "musetalkV15_shapes.json"
 

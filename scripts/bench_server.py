@@ -27,12 +27,12 @@ import httpx
 import numpy as np
 import uvicorn
 
-from musetalk_warm.audio import SAMPLE_RATE, load_audio, resample
+from musetalk_warm.media.audio import SAMPLE_RATE, load_audio, resample
 from musetalk_warm.config import Settings, apply_assignments, load_settings
-from musetalk_warm.session_video import SessionVideo
-from musetalk_warm.runtime import Runtime
+from musetalk_warm.media.session_video import SessionVideo
+from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.server import create_app
-from musetalk_warm.tts import load_tts
+from musetalk_warm.voice.tts import load_tts
 
 SENTENCES = [
     "Hello, and welcome back.",

@@ -29,12 +29,12 @@ import torch
 from scipy.signal import butter, filtfilt
 from skimage import data
 
-from musetalk_warm.avatar import Avatar
-from musetalk_warm.blend import composite
+from musetalk_warm.avatars.cache import Avatar
+from musetalk_warm.render.blend import composite
 from musetalk_warm.config import RenderSettings
-from musetalk_warm.landmarks import detect_landmarks
-from musetalk_warm.masks import blend_mask, crop_box, landmark_segment
-from musetalk_warm.stabilise import (
+from musetalk_warm.avatars.landmarks import detect_landmarks
+from musetalk_warm.avatars.masks import blend_mask, crop_box, landmark_segment
+from musetalk_warm.avatars.stabilise import (
     box_transform,
     boxes_center_size,
     compose,

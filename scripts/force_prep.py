@@ -19,7 +19,7 @@ import numpy as np
 
 from musetalk_warm.config import Settings, load_settings
 from musetalk_warm.errors import MuseTalkWarmError
-from musetalk_warm.prep import prepare_avatar
+from musetalk_warm.avatars.prep import prepare_avatar
 
 log = logging.getLogger("force_prep")
 
@@ -54,7 +54,7 @@ def latent_encoder(settings: Settings) -> tuple[Callable[[np.ndarray], np.ndarra
     choice = settings.models.renderer
     if choice == "lite":
         return None, None
-    from musetalk_warm.models import encode_latents, load_models, missing_weights
+    from musetalk_warm.models.musetalk import encode_latents, load_models, missing_weights
 
     if choice == "auto" and missing_weights(settings.models):
         log.info("MuseTalk weights not found: preparing without latents (lite renderer)")

@@ -78,7 +78,7 @@ def make_settings(root: Path, **sections: dict) -> "Settings":
 @pytest.fixture(scope="session")
 def tiny_models():
     """Seeded random-init MuseTalk-shaped models (UNet, VAE, Whisper) on CPU."""
-    from musetalk_warm.models import tiny_models as build
+    from musetalk_warm.models.musetalk import tiny_models as build
 
     return build(seed=0)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soxr
 
-from musetalk_warm.audio import load_audio, resample
+from musetalk_warm.media.audio import load_audio, resample
 from musetalk_warm.errors import AudioError
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musetalk_warm.blend import composite, feather_alpha, poisson_solve
-from musetalk_warm.masks import blend_mask, crop_box
-from musetalk_warm.stabilise import box_transform
+from musetalk_warm.render.blend import composite, feather_alpha, poisson_solve
+from musetalk_warm.avatars.masks import blend_mask, crop_box
+from musetalk_warm.avatars.stabilise import box_transform
 
 
 def _upstream_reference(frame: np.ndarray, face: np.ndarray, box: tuple, mask: np.ndarray, cbox: tuple) -> np.ndarray:

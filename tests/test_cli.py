@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from musetalk_warm.cli import main
-from musetalk_warm.decode import probe
+from musetalk_warm.media.decode import probe
 
 
 def _common(tmp_path: Path) -> list[str]:

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.demo import demo_frames, demo_motion, demo_source_sha256
-from musetalk_warm.landmarks import MediapipeDetector
+from musetalk_warm.avatars.demo import demo_frames, demo_motion, demo_source_sha256
+from musetalk_warm.avatars.landmarks import MediapipeDetector
 
 SECONDS, FPS = 2.0, 25
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import make_settings
 
-from musetalk_warm.avatar import Avatar
+from musetalk_warm.avatars.cache import Avatar
 from musetalk_warm.config import RenderSettings
-from musetalk_warm.engine import MuseTalkRenderer, RenderEngine, RenderStats
+from musetalk_warm.render.engine import MuseTalkRenderer, RenderEngine, RenderStats
 from musetalk_warm.errors import AudioError, AvatarCacheError, NotFound, ResourceExhausted
-from musetalk_warm.lite import LiteRenderer
-from musetalk_warm.decode import probe
-from musetalk_warm.media import write_clip_mp4
-from musetalk_warm.runtime import Runtime
-from musetalk_warm.stabilise import box_transform
+from musetalk_warm.render.lite import LiteRenderer
+from musetalk_warm.media.decode import probe
+from musetalk_warm.media.encode import write_clip_mp4
+from musetalk_warm.render.runtime import Runtime
+from musetalk_warm.avatars.stabilise import box_transform
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from musetalk_warm.errors import AudioError
-from musetalk_warm.features import (
+from musetalk_warm.models.features import (
     audio_prompts,
     feature_steps,
     frame_prompts,
     num_frames,
     whisper_hidden_states,
 )
-from musetalk_warm.models import Models, tiny_models
+from musetalk_warm.models.musetalk import Models, tiny_models
 
 LAYERS, DIM = 5, 3
 

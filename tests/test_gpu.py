@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk_warm.features import audio_prompts
-from musetalk_warm.models import decode_latents, encode_latents, tiny_models, unet_step
+from musetalk_warm.models.features import audio_prompts
+from musetalk_warm.models.musetalk import decode_latents, encode_latents, tiny_models, unet_step
 
 pytestmark = pytest.mark.gpu
 

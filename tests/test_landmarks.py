@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from musetalk_warm.errors import DependencyMissing
-from musetalk_warm.landmarks import (
+from musetalk_warm.avatars.landmarks import (
     MEDIAPIPE_TO_IBUG68,
     FaceAlignmentDetector,
     MediapipeDetector,

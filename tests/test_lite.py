@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.avatar import CROP_SIZE, Avatar
+from musetalk_warm.avatars.cache import CROP_SIZE, Avatar
 from musetalk_warm.errors import AudioError
-from musetalk_warm.audio import num_frames
-from musetalk_warm.landmarks import detect_landmarks
-from musetalk_warm.lite import LiteRenderer, crop_landmarks
-from musetalk_warm.stabilise import box_transform, boxes_center_size
+from musetalk_warm.media.audio import num_frames
+from musetalk_warm.avatars.landmarks import detect_landmarks
+from musetalk_warm.render.lite import LiteRenderer, crop_landmarks
+from musetalk_warm.avatars.stabilise import box_transform, boxes_center_size
 
 SR = 16000
 FPS = 25

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.landmarks import detect_landmarks
-from musetalk_warm.masks import blend_mask, crop_box, landmark_segment
+from musetalk_warm.avatars.landmarks import detect_landmarks
+from musetalk_warm.avatars.masks import blend_mask, crop_box, landmark_segment
 
 # Face box 100 wide, 142 tall: s = int(142 // 2 * 1.5) = int(106.5) = 106, side 212.
 FACE = (200, 200, 300, 342)

@@ -16,11 +16,14 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm import decode, fmp4, media, session_video
+from musetalk_warm.media import decode
+from musetalk_warm.media import fmp4
+from musetalk_warm.media import encode as media
+from musetalk_warm.media import session_video
 from musetalk_warm.config import MediaSettings, clip_quantum
 from musetalk_warm.errors import ConfigError, DependencyMissing, MediaError
-from musetalk_warm.fmp4 import iter_boxes
-from musetalk_warm.session_video import SessionVideo
+from musetalk_warm.media.fmp4 import iter_boxes
+from musetalk_warm.media.session_video import SessionVideo
 
 SETTINGS = MediaSettings()
 RATE = SETTINGS.audio_rate

@@ -19,8 +19,8 @@ import torch
 
 from musetalk_warm.config import ModelSettings
 from musetalk_warm.errors import ConfigError, WeightsMissing
-from musetalk_warm.features import whisper_hidden_states
-from musetalk_warm.models import (
+from musetalk_warm.models.features import whisper_hidden_states
+from musetalk_warm.models.musetalk import (
     Models,
     PositionalEncoding,
     decode_latents,

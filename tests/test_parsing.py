@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from musetalk_warm.errors import WeightsMissing
-from musetalk_warm.parsing import BiSeNet, FaceParser, cheek_mask, jaw_kernel, labels_to_mask
+from musetalk_warm.avatars.parsing import BiSeNet, FaceParser, cheek_mask, jaw_kernel, labels_to_mask
 
 
 def test_jaw_kernel_rows() -> None:

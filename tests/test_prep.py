@@ -14,15 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from musetalk_warm.avatar import Avatar, load_avatar, save_avatar
-from musetalk_warm.blend import composite
+from musetalk_warm.avatars.cache import Avatar, load_avatar, save_avatar
+from musetalk_warm.render.blend import composite
 from musetalk_warm.config import Settings
-from musetalk_warm.demo import demo_frames
+from musetalk_warm.avatars.demo import demo_frames
 from musetalk_warm.errors import AvatarCacheError, FaceNotFound
-from musetalk_warm.landmarks import Detection, MediapipeDetector
-from musetalk_warm.masks import crop_box
-from musetalk_warm.prep import face_box, load_or_prepare, prepare_avatar, with_margin
-from musetalk_warm.stabilise import box_transform, crop_face, placed_box
+from musetalk_warm.avatars.landmarks import Detection, MediapipeDetector
+from musetalk_warm.avatars.masks import crop_box
+from musetalk_warm.avatars.prep import face_box, load_or_prepare, prepare_avatar, with_margin
+from musetalk_warm.avatars.stabilise import box_transform, crop_face, placed_box
 
 SECONDS, FPS = 1.0, 12  # 12 small demo frames keep each prep near a second
 
@@ -246,7 +246,7 @@ def test_video_file_source(tmp_path: Path) -> None:
 
 
 def test_latents_are_the_encoder_of_the_crops(tmp_path: Path) -> None:
-    from musetalk_warm.models import encode_latents, tiny_models
+    from musetalk_warm.models.musetalk import encode_latents, tiny_models
 
     models = tiny_models(seed=0)
     encoder = partial(encode_latents, models)
@@ -335,8 +335,8 @@ def test_bisenet_masks_when_its_checkpoint_exists(tmp_path: Path) -> None:
     import torch
     from PIL import Image
 
-    from musetalk_warm.masks import blend_mask
-    from musetalk_warm.parsing import BiSeNet, FaceParser
+    from musetalk_warm.avatars.masks import blend_mask
+    from musetalk_warm.avatars.parsing import BiSeNet, FaceParser
 
     folder = tmp_path / "models" / "face-parse-bisent"
     folder.mkdir(parents=True)

@@ -20,7 +20,7 @@ from conftest import decodes, ffprobe, snapshot
 from fastapi.testclient import TestClient
 
 from musetalk_warm.config import Settings
-from musetalk_warm.runtime import Runtime
+from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.server import create_app
 from musetalk_warm.server.routes import jobs
 from musetalk_warm.server.schemas import JobStatus

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import decodes, ffprobe, make_settings, snapshot
 
-from musetalk_warm import session_video
+from musetalk_warm.media import session_video
 from musetalk_warm.config import Settings
 from musetalk_warm.errors import AudioError, BadInput, MediaError, NotFound
-from musetalk_warm.runtime import Runtime
-from musetalk_warm.session import SessionStore, check_session_id
-from musetalk_warm.tts import EspeakTTS
+from musetalk_warm.render.runtime import Runtime
+from musetalk_warm.sessions.store import SessionStore, check_session_id
+from musetalk_warm.voice.tts import EspeakTTS
 
 RATE = 16000
 FPS = 25

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from musetalk_warm.config import OneEuroSettings, RenderSettings
-from musetalk_warm.landmarks import detect_landmarks
-from musetalk_warm.masks import crop_box
-from musetalk_warm.stabilise import (
+from musetalk_warm.avatars.landmarks import detect_landmarks
+from musetalk_warm.avatars.masks import crop_box
+from musetalk_warm.avatars.stabilise import (
     OneEuroFilter,
     ScaleLock,
     box_transform,

@@ -14,7 +14,7 @@ import soundfile as sf
 from musetalk_warm.config import TTSSettings
 from musetalk_warm.errors import ConfigError, DependencyMissing, TextError, TTSError
 from musetalk_warm.server import speaking
-from musetalk_warm.tts import (
+from musetalk_warm.voice.tts import (
     TTS,
     EspeakTTS,
     OpenAITTS,

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
 from ..errors import MuseTalkWarmError
-from ..session import SessionStore
+from ..sessions.store import SessionStore
 from .middleware import BodyLimit, RequestContext
 from .routes import health, jobs, sessions, speak
 from .routes.health import STATIC_DIR
@@ -33,13 +33,13 @@ SHUTDOWN_GRACE_S = 60.0
 
 
 def _default_runtime(settings: Settings) -> Any:
-    from ..runtime import Runtime
+    from ..render.runtime import Runtime
 
     return Runtime.load(settings)
 
 
 def _default_tts(settings: Settings) -> Any:
-    from ..tts import load_tts
+    from ..voice.tts import load_tts
 
     return load_tts(settings.tts)
 

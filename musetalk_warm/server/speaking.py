@@ -18,11 +18,11 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..audio import load_audio_native, speech_tracks
+from ..media.audio import load_audio_native, speech_tracks
 from ..errors import TextError
-from ..fmp4 import Fragment
-from ..session import SpeakResult, check_session_id
-from ..tts import check_text
+from ..media.fmp4 import Fragment
+from ..sessions.store import SpeakResult, check_session_id
+from ..voice.tts import check_text
 from .schemas import SpeakResponse
 from .state import Warm
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..errors import MuseTalkWarmError, NotReady
 from ..metrics import Metrics
-from ..session import SessionStore
+from ..sessions.store import SessionStore
 from .schemas import JobStatus
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
-    from ..tts import TTS
+    from ..render.runtime import Runtime
+    from ..voice.tts import TTS
 
 
 @dataclass

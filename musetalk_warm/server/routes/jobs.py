@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...errors import MuseTalkWarmError, NotFound
-from ...tts import openai_endpoint
+from ...voice.tts import openai_endpoint
 from ..deps import AuthDep, WarmDep
 from ..schemas import ChatRequest, ErrorResponse, JobStatus
 from ..speaking import SessionURLs, Utterance, check_utterance, speak_clip

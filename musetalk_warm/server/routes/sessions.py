@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import FileResponse
 
 from ...errors import NotFound
-from ...session import SessionState, check_session_id
+from ...sessions.store import SessionState, check_session_id
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, ResetRequest, ResetResponse, SessionInfo
 from ..speaking import SessionURLs

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ...blend import BLEND_MODES
+from ...render.blend import BLEND_MODES
 from ...errors import AudioError, BadInput
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, SpeakRequest, SpeakResponse

@@ -4,7 +4,7 @@ Upstream ``musetalk/utils/audio_processor.py`` step for step (UPSTREAM_NOTES §A
 30 s segments through the feature extractor and the Whisper encoder, all hidden
 states stacked, trimmed to the audio's length at 50 Hz, zero-padded, then a
 10-step window per video frame laid out time-major. The positional encoding is
-added in :func:`musetalk_warm.models.unet_step`.
+added in :func:`musetalk_warm.models.musetalk.unet_step`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, num_frames
-from .errors import AudioError
-from .models import Models
+from ..media.audio import SAMPLE_RATE, num_frames
+from ..errors import AudioError
+from .musetalk import Models
 
 FEATURE_RATE = 50  # Whisper encoder steps per second
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE

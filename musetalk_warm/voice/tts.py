@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from .config import TTSSettings
-from .errors import ConfigError, DependencyMissing, TextError, TTSError
+from ..config import TTSSettings
+from ..errors import ConfigError, DependencyMissing, TextError, TTSError
 
 # Below this peak the engine produced silence, which would render a still mouth.
 _SILENCE_PEAK = 1e-3

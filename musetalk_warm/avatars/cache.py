@@ -16,9 +16,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
-from .config import safe_name
-from .errors import AvatarCacheError
-from .files import atomic_write_stream
+from ..config import safe_name
+from ..errors import AvatarCacheError
+from ..files import atomic_write_stream
 
 CROP_SIZE = 256
 
@@ -35,7 +35,7 @@ class Avatar:
             with ``extra_margin`` on y2), the input of stabilisation.
         landmarks: ``[N,68,2]`` float32 iBUG-68 points in frame coordinates.
         crops: ``[N,256,256,3]`` uint8 BGR face crops, each cut with its placement
-            (:func:`~musetalk_warm.stabilise.crop_face`; upstream's LANCZOS4 resize
+            (:func:`~musetalk_warm.avatars.stabilise.crop_face`; upstream's LANCZOS4 resize
             of the box when the placement is a whole-pixel box).
         latents: ``[N,8,32,32]`` float32 UNet input (masked ‖ reference latents),
             or ``None`` when the avatar was prepared without a VAE.

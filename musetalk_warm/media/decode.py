@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import AudioError, MediaError
+from ..errors import AudioError, MediaError
 
 
 def _open_input(path: str | Path, what: str) -> av.container.InputContainer:

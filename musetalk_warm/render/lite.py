@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .audio import SAMPLE_RATE, num_frames
-from .avatar import Avatar
-from .errors import AudioError
-from .stabilise import invert
+from ..media.audio import SAMPLE_RATE, num_frames
+from ..avatars.cache import Avatar
+from ..errors import AudioError
+from ..avatars.stabilise import invert
 
 
 # iBUG-68 indices (frame left to right).

@@ -38,17 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import RenderSettings, Settings, safe_name
-from .errors import BadInput, MediaError, NotFound
-from .files import atomic_write_bytes
-from .fmp4 import Fragment
-from .media import write_clip_mp4
-from .session_video import SessionVideo
+from ..config import RenderSettings, Settings, safe_name
+from ..errors import BadInput, MediaError, NotFound
+from ..files import atomic_write_bytes
+from ..media.fmp4 import Fragment
+from ..media.encode import write_clip_mp4
+from ..media.session_video import SessionVideo
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from .runtime import Runtime
+    from ..render.runtime import Runtime
 
 STATE_FILE = "state.json"
 VIDEO_FILE = "full_session.mp4"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MediaError
-from .files import atomic_write, fsync_dir
+from ..errors import MediaError
+from ..files import atomic_write, fsync_dir
 from .fmp4 import (
     EncodedClip,
     Track,

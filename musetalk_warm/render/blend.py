@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from .avatar import CROP_SIZE
-from .config import BlendMode
-from .stabilise import snap, upright_box
+from ..avatars.cache import CROP_SIZE
+from ..config import BlendMode
+from ..avatars.stabilise import snap, upright_box
 
 BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
 
@@ -182,7 +182,7 @@ def composite(
     Args:
         frame: ``[H,W,3]`` uint8 BGR (not modified).
         face: ``[256,256,3]`` uint8 BGR generated face crop.
-        transform: ``[2,3]`` face-crop → frame map (:mod:`musetalk_warm.stabilise`).
+        transform: ``[2,3]`` face-crop → frame map (:mod:`musetalk_warm.avatars.stabilise`).
         mask: uint8 ``[2s,2s]`` blend mask over ``crop_box``.
         crop_box: ``x1,y1,x2,y2`` of the mask (may leave the frame).
         mode: ``upstream``, ``feather`` or ``poisson``.

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import media
-from .audio import resample
-from .avatar import Avatar, load_avatar
-from .config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
+from ..media import encode as media
+from ..media.audio import resample
+from ..avatars.cache import Avatar, load_avatar
+from ..config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
-from .errors import AudioError, AvatarCacheError, ConfigError, NotFound
-from .audio import SAMPLE_RATE, num_frames
+from ..errors import AudioError, AvatarCacheError, ConfigError, NotFound
+from ..media.audio import SAMPLE_RATE, num_frames
 
 if TYPE_CHECKING:
-    from .models import Models
+    from ..models.musetalk import Models
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def build_renderer(settings: Settings) -> tuple[MouthRenderer, Models | None]:
     """The renderer the settings ask for, and the models behind it (None for lite)."""
     choice = settings.models.renderer
     if choice in ("auto", "musetalk", "tiny"):
-        from .models import load_models, missing_weights
+        from ..models.musetalk import load_models, missing_weights
 
         if choice == "auto" and missing_weights(settings.models):
             log.info("MuseTalk weights not found under %s: using the lite renderer", settings.models.models_dir)
@@ -66,7 +66,7 @@ def latent_encoder(models: Models | None) -> tuple[Callable[[np.ndarray], np.nda
     """The VAE crop encoder for avatar preparation and its id (None, None without models)."""
     if models is None:
         return None, None
-    from .models import encode_latents
+    from ..models.musetalk import encode_latents
 
     return partial(encode_latents, models), models.vae_id
 
@@ -109,7 +109,7 @@ class Runtime:
 
     def _startup_avatar(self) -> Avatar:
         """The configured avatar; built only for the demo or with ``avatar.preparation``."""
-        from .prep import load_or_prepare
+        from ..avatars.prep import load_or_prepare
 
         encoder, vae_id = latent_encoder(self.models)
         avatar = load_or_prepare(self.settings, encoder=encoder, vae_id=vae_id, progress=False)
@@ -132,7 +132,7 @@ class Runtime:
                 f"avatar {avatar.avatar_id!r} was prepared for another VAE",
                 hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` to rebuild its latents",
             )
-        from .prep import STABILISER_SETTINGS
+        from ..avatars.prep import STABILISER_SETTINGS
 
         wanted = self.settings.render.model_dump(include=set(STABILISER_SETTINGS))
         if avatar.manifest.get("params", {}).get("stabilise") != wanted:

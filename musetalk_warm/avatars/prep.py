@@ -7,15 +7,15 @@ blend mask over the 1.5x crop box, and the VAE latents of the crop.
 
 Deliberate differences: upstream forces ``bbox_shift = 0`` for v1.5; here it
 stays configurable (default 0). The crop is cut at the frame's stabilised
-placement (:func:`musetalk_warm.stabilise.plan`), the same map the engine pastes
+placement (:func:`musetalk_warm.avatars.stabilise.plan`), the same map the engine pastes
 the generated face with, and the mask is built on the box that placement
 covers, so crop, paste and mask always agree. With every stabiliser off the
 placement is the raw box and the crop is upstream's.
 
-The result is cached (:mod:`musetalk_warm.avatar`). Running again on the same
+The result is cached (:mod:`musetalk_warm.avatars.cache`). Running again on the same
 source with the same parameters and VAE only loads the cache; when only the
 VAE changed, only the latents are recomputed. Servers call
-:func:`~musetalk_warm.avatar.load_avatar` and never prepare at speak time.
+:func:`~musetalk_warm.avatars.cache.load_avatar` and never prepare at speak time.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .avatar import CROP_SIZE, Avatar, cache_is_current, load_avatar, save_avatar
-from .config import Settings
+from .cache import CROP_SIZE, Avatar, cache_is_current, load_avatar, save_avatar
+from ..config import Settings
 from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
-from .errors import BadInput, ConfigError, FaceNotFound, MediaError
+from ..errors import BadInput, ConfigError, FaceNotFound, MediaError
 from .landmarks import Detection, LandmarkDetector, make_detector
 from .masks import Box, blend_mask, crop_box, landmark_segment
 from .stabilise import crop_face, placed_box, plan
@@ -100,7 +100,7 @@ def read_frames(source: Source, settings: Settings) -> np.ndarray:
         if image is None:
             raise BadInput(f"avatar image {source.name} cannot be read")
         return image[None]
-    from .decode import iter_video_frames, probe
+    from ..media.decode import iter_video_frames, probe
 
     # One preallocated array (a list of frames then np.stack would hold every frame twice),
     # sized from the probed duration but never trusting a broken timestamp with a huge one.
@@ -271,7 +271,7 @@ def _masks(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, setting
     if mask_source == "parsing":
         from PIL import Image
 
-        from .models import resolve_device
+        from ..models.musetalk import resolve_device
         from .parsing import FaceParser
 
         models = settings.models

@@ -3,8 +3,8 @@
 An init segment (``ftyp``+``moov``) and position-independent media fragments
 (``moof``+``mdat``): the same fragments make the clip file (remuxed by stream copy
 to a plain ``+faststart`` MP4), a live stream, and the appended session video
-(:mod:`musetalk_warm.session_video`). Reading and probing media is in
-:mod:`musetalk_warm.decode`.
+(:mod:`musetalk_warm.media.session_video`). Reading and probing media is in
+:mod:`musetalk_warm.media.decode`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .config import AAC_FRAME, MediaSettings
+from ..config import AAC_FRAME, MediaSettings
 from .decode import ffmpeg_reason
-from .errors import DependencyMissing, MediaError
+from ..errors import DependencyMissing, MediaError
 from .fmp4 import EncodedClip, Fragment, Track, iter_boxes, parse_fragment, parse_init, remux_plain
 
 _FRAGMENTED = "frag_keyframe+empty_moov+default_base_moof"

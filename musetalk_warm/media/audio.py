@@ -1,7 +1,7 @@
 """Any audio upload (bytes or a path, any container/codec FFmpeg reads) → validated
 mono float32 at a requested rate.
 
-Decoding goes through PyAV (:func:`musetalk_warm.decode.decode_audio`), so no ffmpeg
+Decoding goes through PyAV (:func:`musetalk_warm.media.decode.decode_audio`), so no ffmpeg
 process is spawned. Resampling uses soxr at HQ quality: it is what upstream
 MuseTalk's ``librosa.load(sr=16000)`` applies by default (``res_type="soxr_hq"``), so
 the Whisper features match upstream; PyAV's swresample would differ slightly.
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from .errors import AudioError
+from ..errors import AudioError
 
 SAMPLE_RATE = 16000  # what Whisper and the renderers take
 from .decode import decode_audio

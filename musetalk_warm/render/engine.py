@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from . import blend
-from .audio import SAMPLE_RATE
-from .avatar import Avatar
-from .config import RenderSettings
-from .errors import AvatarCacheError, ResourceExhausted
+from ..media.audio import SAMPLE_RATE
+from ..avatars.cache import Avatar
+from ..config import RenderSettings
+from ..errors import AvatarCacheError, ResourceExhausted
 
 if TYPE_CHECKING:
-    from .models import Models
+    from ..models.musetalk import Models
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,14 @@ class MuseTalkRenderer:
         self.models = models
 
     def condition(self, audio: np.ndarray, fps: int) -> Any:
-        from .features import audio_prompts
+        from ..models.features import audio_prompts
 
         return audio_prompts(self.models, audio, fps)
 
     def generate(self, avatar: Avatar, cond: Any, src_idx: np.ndarray) -> np.ndarray:
         import torch
 
-        from .models import decode_latents, unet_step
+        from ..models.musetalk import decode_latents, unet_step
 
         if avatar.latents is None:
             raise AvatarCacheError(

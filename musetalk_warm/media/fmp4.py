@@ -2,7 +2,7 @@
 
 A clip is an init segment (``ftyp``+``moov``) plus media fragments (``moof``+``mdat``)
 written with ``default_base_moof``, so a fragment's sample offsets are relative to its
-own ``moof`` and its bytes can be placed anywhere (see :mod:`musetalk_warm.session_video`).
+own ``moof`` and its bytes can be placed anywhere (see :mod:`musetalk_warm.media.session_video`).
 Also: atomic file writes and the stream-copy remux to a plain ``+faststart`` MP4.
 """
 
@@ -16,8 +16,8 @@ from typing import IO
 
 import av
 
-from .errors import MediaError
-from .files import atomic_write
+from ..errors import MediaError
+from ..files import atomic_write
 
 _CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf"}
 _TFHD_DURATION = 0x08

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import WeightsMissing
+from ..errors import WeightsMissing
 
 ParsingMode = Literal["jaw", "raw", "neck"]
 CHECKPOINT = "79999_iter.pth"

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 import cv2
 import numpy as np
 
-from .errors import DependencyMissing
+from ..errors import DependencyMissing
 
 # FaceMesh index for each iBUG-68 point. Frame left/right as seen in the image
 # (iBUG point 0 is on the image's left, i.e. the subject's right side).

@@ -27,8 +27,8 @@ from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .config import ModelSettings
-from .errors import ConfigError, WeightsMissing
+from ..config import ModelSettings
+from ..errors import ConfigError, WeightsMissing
 
 CROP_SIZE = 256
 LATENT_SIZE = 32

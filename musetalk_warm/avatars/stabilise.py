@@ -27,8 +27,8 @@ import math
 import cv2
 import numpy as np
 
-from .avatar import CROP_SIZE
-from .config import OneEuroSettings, RenderSettings
+from .cache import CROP_SIZE
+from ..config import OneEuroSettings, RenderSettings
 
 # iBUG-68 points whose neighbourhood moves rigidly with the skull: brows 17..26,
 # nose bridge 27..30, eyes 36..47. The mouth and jaw are excluded on purpose.

@@ -1,0 +1,1 @@
+"""Avatars: preparation (landmarks, parsing, masks, stabilised placements) and the on-disk cache."""

@@ -1,0 +1,1 @@
+"""MuseTalk v1.5 models (UNet, VAE, Whisper) and the audio features that condition them."""

@@ -1,0 +1,1 @@
+"""Rendering: mouth renderers (MuseTalk, lite), the accelerator engine, paste-back and the runtime."""

@@ -1,0 +1,1 @@
+"""Session records: per-session folders, ordered clip appends to ``full_session.mp4``."""

@@ -1,0 +1,1 @@
+"""Speech input: text-to-speech engines."""
