@@ -144,6 +144,17 @@ def _check_audio_params(name: str, rate: int, channels: int) -> None:
         )
 
 
+def _append_mono(blocks: list[np.ndarray], frames: list[av.AudioFrame]) -> int:
+    """Append each packed frame's channel average (a matrix product: far faster than mean)."""
+    count = 0
+    for frame in frames:
+        channels = frame.layout.nb_channels
+        packed = frame.to_ndarray().reshape(frame.samples, channels)
+        blocks.append(packed @ np.full(channels, 1.0 / channels, np.float32))
+        count += frame.samples
+    return count
+
+
 def decode_audio(source: bytes | str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode the first audio stream of an upload to mono float32 (channels averaged).
 
@@ -169,10 +180,9 @@ def decode_audio(source: bytes | str | Path, max_seconds: float | None = None) -
         stream = container.streams.audio[0]
         if stream.codec_context.sample_rate:
             _check_audio_params(name, stream.codec_context.sample_rate, stream.codec_context.channels)
-        # Packed float: PyAV's to_ndarray() crashes on planar frames of 8 or more channels.
-        to_float = av.AudioResampler(format="flt")
         blocks: list[np.ndarray] = []
         total, rate = 0, 0
+        to_float: av.AudioResampler | None = None
         try:
             for frame in container.decode(stream):
                 if frame.sample_rate != rate:
@@ -180,12 +190,15 @@ def decode_audio(source: bytes | str | Path, max_seconds: float | None = None) -
                         raise AudioError(f"{name} changes its sample rate mid-stream")
                     rate = frame.sample_rate
                 _check_audio_params(name, frame.sample_rate, frame.layout.nb_channels)
-                for out in to_float.resample(frame):
-                    packed = out.to_ndarray().reshape(out.samples, out.layout.nb_channels)
-                    blocks.append(packed.mean(axis=1, dtype=np.float32))
-                    total += out.samples
+                if to_float is None:
+                    # Packed float: PyAV's to_ndarray() crashes on planar frames of 8 or
+                    # more channels. One-second frames keep the per-frame cost low.
+                    to_float = av.AudioResampler(format="flt", frame_size=rate)
+                total += _append_mono(blocks, to_float.resample(frame))
                 if max_seconds is not None and total > max_seconds * rate:
                     raise AudioError(f"audio is longer than the maximum of {max_seconds:g} s")
+            if to_float is not None:
+                total += _append_mono(blocks, to_float.resample(None))
         except av.error.FFmpegError as exc:
             raise AudioError(f"{name} is corrupt: {ffmpeg_reason(exc)}") from exc
         except ValueError as exc:  # the resampler refuses frames whose layout changed

@@ -27,7 +27,7 @@ from .decode import decode_audio
 
 DECODE_TIMEOUT_S = 30.0
 _OK, _ERROR = b"\x00", b"\x01"
-_RATE = struct.Struct("<I")
+_HEADER = struct.Struct("<IQ")  # sample rate, sample count; the float32 samples follow
 _context_lock = threading.Lock()
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def _context() -> multiprocessing.context.BaseContext:
         ctx = multiprocessing.get_context("forkserver")
         # The parent's main module is preloaded too, or every child would import it again.
         main_spec = getattr(sys.modules["__main__"], "__spec__", None)
-        preload = ["__main__", __name__] + ([main_spec.name] if main_spec is not None else [])
+        preload = ["__main__", __name__, f"{__package__}._forkserver"]
+        preload += [main_spec.name] if main_spec is not None else []
         ctx.set_forkserver_preload(preload)
         return ctx
 
@@ -68,6 +69,10 @@ def decode_audio_isolated(
         if not receive.poll(timeout_s):
             raise AudioError(f"decoding {name} took longer than {timeout_s:g} s")
         message = receive.recv_bytes()
+        if message[:1] == _OK:
+            rate, count = _HEADER.unpack_from(message, 1)
+            samples = bytearray(4 * count)  # received in place: writable, no copy
+            receive.recv_bytes_into(samples)
     except EOFError:  # the child died without a word
         message = None
     finally:
@@ -82,8 +87,7 @@ def decode_audio_isolated(
     if message[:1] == _ERROR:
         error = json.loads(message[1:])
         raise AudioError(error["message"], hint=error.get("hint"))
-    (rate,) = _RATE.unpack_from(message, 1)
-    return np.frombuffer(message, np.float32, offset=1 + _RATE.size).copy(), rate
+    return np.frombuffer(samples, np.float32), rate
 
 
 def _exit_reason(code: int | None) -> str:
@@ -101,7 +105,9 @@ Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 def _child(send: Connection, decode: Decoder, source: bytes | str | Path, max_seconds: float | None) -> None:
     try:
         samples, rate = decode(source, max_seconds)
-        send.send_bytes(_OK + _RATE.pack(rate) + np.ascontiguousarray(samples, np.float32).tobytes())
+        samples = np.ascontiguousarray(samples, np.float32)
+        send.send_bytes(_OK + _HEADER.pack(rate, len(samples)))
+        send.send_bytes(memoryview(samples).cast("B"))
     except AudioError as exc:
         send.send_bytes(_ERROR + json.dumps({"message": exc.message, "hint": exc.hint}).encode())
     except Exception as exc:  # noqa: BLE001 - any other failure is still the upload's
