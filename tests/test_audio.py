@@ -43,6 +43,10 @@ CASES = [
     ("mp4", "aac", 32000, 2),
     ("webm", "libopus", 24000, 1),
     ("flac", "flac", 8000, 1),
+    ("adts", "aac", 44100, 2),
+    ("aiff", "pcm_s16be", 16000, 1),
+    ("caf", "pcm_s16le", 22050, 2),
+    ("matroska", "libopus", 48000, 2),
 ]
 
 
