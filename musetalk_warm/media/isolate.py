@@ -29,6 +29,7 @@ DECODE_TIMEOUT_S = 30.0
 _OK, _ERROR = b"\x00", b"\x01"
 _HEADER = struct.Struct("<IQ")  # sample rate, sample count; the float32 samples follow
 _context_lock = threading.Lock()
+Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +57,8 @@ def decode_audio_isolated(
 ) -> tuple[np.ndarray, int]:
     """:func:`~musetalk_warm.media.decode.decode_audio` in a child process.
 
-    Errors are the same :class:`AudioError`\\ s; a child that crashes, or runs past
-    ``timeout_s`` (then it is killed), is an AudioError too.
+    Errors are the same :class:`AudioError` instances; a child that crashes, or runs
+    past ``timeout_s`` (then it is killed), is an AudioError too.
     """
     name = "the upload" if isinstance(source, bytes | bytearray) else Path(source).name
     ctx = _context()
@@ -65,8 +66,14 @@ def decode_audio_isolated(
     child = ctx.Process(target=_child, args=(send, decode_audio, source, max_seconds), daemon=True)
     try:
         child.start()
-        send.close()
+    except BaseException:
+        receive.close()
+        raise
+    finally:
+        send.close()  # the child holds its own end
+    try:
         if not receive.poll(timeout_s):
+            log.warning("audio decoder process killed after %g s", timeout_s)
             raise AudioError(f"decoding {name} took longer than {timeout_s:g} s")
         message = receive.recv_bytes()
         if message[:1] == _OK:
@@ -97,9 +104,6 @@ def _exit_reason(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
-
-
-Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 
 
 def _child(send: Connection, decode: Decoder, source: bytes | str | Path, max_seconds: float | None) -> None:
