@@ -190,7 +190,7 @@ def test_bad_requests_leave_the_session_untouched(client: TestClient, root: Path
          "bad_audio", ""),
         (client.post("/speak", data=s, files={"audio": ("a.wav", corrupt, "audio/wav")}), 422, "bad_audio", ""),
         (client.post("/speak", data=s, files={"audio": ("a.wav", wav_bytes(tone[:320], rate), "audio/wav")}),
-         422, "bad_audio", "40 ms"),
+         422, "bad_audio", "100 ms"),
         (client.post("/speak", data=s, files={"audio": ("a.wav", b"", "audio/wav")}), 422, "bad_audio", "empty"),
         (client.post("/speak", data=s, files={"audio": ("big.wav", bytes(MAX_UPLOAD + 70_000), "audio/wav")}),
          413, "payload_too_large", "larger than"),

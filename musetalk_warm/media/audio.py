@@ -1,8 +1,9 @@
 """Any audio upload (bytes or a path, any container/codec FFmpeg reads) → validated
 mono float32 at a requested rate.
 
-Decoding goes through PyAV (:func:`musetalk_warm.media.decode.decode_audio`), so no ffmpeg
-process is spawned. Resampling uses soxr at HQ quality: it is what upstream
+Decoding goes through PyAV (:func:`musetalk_warm.media.decode.decode_audio`) in a
+short-lived child process (:mod:`musetalk_warm.media.isolate`), so a crash in native
+code refuses the upload instead of ending the server. Resampling uses soxr at HQ quality: it is what upstream
 MuseTalk's ``librosa.load(sr=16000)`` applies by default (``res_type="soxr_hq"``), so
 the Whisper features match upstream; PyAV's swresample would differ slightly.
 """
@@ -16,15 +17,18 @@ import soxr
 
 from ..errors import AudioError
 
+from .isolate import decode_audio_isolated
+
 SAMPLE_RATE = 16000  # what Whisper and the renderers take
-from .decode import decode_audio
+# Shorter is no speech (a syllable lasts ~0.1 s); the server also needs one video frame.
+MIN_SECONDS = 0.1
 
 
 def load_audio(
     source: bytes | str | Path,
     rate: int = 16000,
     *,
-    min_seconds: float = 0.04,
+    min_seconds: float = MIN_SECONDS,
     max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode ``source`` to mono float32 at ``rate``; channels are averaged.
@@ -39,7 +43,7 @@ def load_audio(
 def load_audio_native(
     source: bytes | str | Path,
     *,
-    min_seconds: float = 0.04,
+    min_seconds: float = MIN_SECONDS,
     max_seconds: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Like :func:`load_audio` at the file's own rate: ``(mono float32, rate)``.
@@ -47,8 +51,7 @@ def load_audio_native(
     Resampling once from the native rate to each target keeps the 16 kHz features
     identical to upstream's ``librosa.load(path, sr=16000)``.
     """
-    blocks, native = decode_audio(source, max_seconds)
-    mono = np.concatenate([block.mean(axis=0) for block in blocks]).astype(np.float32)
+    mono, native = decode_audio_isolated(source, max_seconds)
     seconds = len(mono) / native
     if seconds < min_seconds:
         raise AudioError(f"audio is {seconds * 1000:.0f} ms long; the minimum is {min_seconds * 1000:.0f} ms")

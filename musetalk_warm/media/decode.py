@@ -1,4 +1,4 @@
-"""Reading media with PyAV: video frames at a constant rate, audio samples, probing.
+"""Reading media with PyAV: video frames at a constant rate, audio uploads, probing.
 
 FFmpeg's error text is passed on without the file path it may carry.
 """
@@ -107,49 +107,105 @@ def _resample_cfr(
         next_slot += 1
 
 
-def decode_audio(
-    source: bytes | str | Path, max_seconds: float | None = None
-) -> tuple[list[np.ndarray], int]:
-    """Decode the first audio stream of any container FFmpeg reads.
+# Demuxers an upload may be read with: each reads only the bytes it is given. Left out
+# on purpose: concat scripts, playlists (hls, dash), image sequences, network and device
+# inputs, anything that opens other files or URLs.
+AUDIO_DEMUXERS = ("wav", "mp3", "ogg", "matroska", "mov", "flac", "aac", "aiff", "caf")
+_UPLOAD_OPTIONS = {"format_whitelist": ",".join(AUDIO_DEMUXERS), "protocol_whitelist": "file"}
+_FORMATS_HINT = "upload speech as wav, mp3, ogg, webm, m4a, mp4, aac, flac, aiff or caf"
 
-    Returns per-frame float32 ``[channels, n]`` blocks and the sample rate. Raises
-    :class:`AudioError` for empty, unreadable, non-audio or corrupt input, or when
-    the audio runs longer than ``max_seconds`` (decoding stops there).
-    """
+MIN_SAMPLE_RATE = 8000  # telephone speech; below it there is nothing to lip-sync to
+MAX_SAMPLE_RATE = 192000
+MAX_CHANNELS = 8  # 7.1; more is no speech recording
+
+
+def _audio_source(source: bytes | str | Path) -> tuple[str, io.BytesIO | str]:
+    """(name safe to show, what av.open reads) for an upload's bytes or a local file."""
     if isinstance(source, bytes | bytearray):
         if not source:
             raise AudioError("the audio upload is empty")
-        name, target = "the upload", io.BytesIO(source)
-    else:
-        name, target = Path(source).name, str(source)
-        if not Path(source).is_file():
-            raise AudioError(f"audio file not found: {name}")
+        return "the upload", io.BytesIO(source)
+    name = Path(source).name
+    if not Path(source).is_file():
+        raise AudioError(f"audio file not found: {name}")
+    return name, str(source)
+
+
+def _check_audio_params(name: str, rate: int, channels: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{name} has a sample rate of {rate} Hz; accepted rates are "
+            f"{MIN_SAMPLE_RATE}–{MAX_SAMPLE_RATE} Hz"
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(
+            f"{name} has {channels} audio channels; at most {MAX_CHANNELS} are accepted",
+            hint="mix it down to mono or stereo",
+        )
+
+
+def _append_mono(blocks: list[np.ndarray], frames: list[av.AudioFrame]) -> int:
+    """Append each packed frame's channel average (a matrix product: far faster than mean)."""
+    count = 0
+    for frame in frames:
+        channels = frame.layout.nb_channels
+        packed = frame.to_ndarray().reshape(frame.samples, channels)
+        blocks.append(packed @ np.full(channels, 1.0 / channels, np.float32))
+        count += frame.samples
+    return count
+
+
+def decode_audio(source: bytes | str | Path, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of an upload to mono float32 (channels averaged).
+
+    Returns ``(samples, rate)`` at the stream's own rate. Only the demuxers in
+    :data:`AUDIO_DEMUXERS` are used. Raises :class:`AudioError` for empty,
+    unreadable, non-audio or corrupt input, rates outside
+    ``MIN_SAMPLE_RATE..MAX_SAMPLE_RATE``, more than ``MAX_CHANNELS`` channels, or
+    audio longer than ``max_seconds`` (decoding stops there).
+    """
+    name, target = _audio_source(source)
     try:
-        container = av.open(target, mode="r")
+        container = av.open(target, mode="r", container_options=_UPLOAD_OPTIONS)
     except av.error.FFmpegError as exc:
-        raise AudioError(f"{name} is not a readable audio file ({ffmpeg_reason(exc)})") from exc
+        raise AudioError(
+            f"{name} is not an audio file in a supported format ({ffmpeg_reason(exc)})", hint=_FORMATS_HINT
+        ) from exc
     with container:
+        # The whitelist already refused other demuxers; this keeps the rule visible here.
+        if not set(container.format.name.split(",")) & set(AUDIO_DEMUXERS):
+            raise AudioError(f"{name} is not an audio file in a supported format", hint=_FORMATS_HINT)
         if not container.streams.audio:
-            raise AudioError(
-                f"{name} has no audio stream", hint="upload speech as wav, mp3, ogg, webm, m4a or flac"
-            )
+            raise AudioError(f"{name} has no audio stream", hint=_FORMATS_HINT)
         stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # keeps rate and layout; planar gives [ch, n]
+        if stream.codec_context.sample_rate:
+            _check_audio_params(name, stream.codec_context.sample_rate, stream.codec_context.channels)
         blocks: list[np.ndarray] = []
         total, rate = 0, 0
+        to_float: av.AudioResampler | None = None
         try:
             for frame in container.decode(stream):
-                rate = rate or frame.sample_rate
-                for out in to_float.resample(frame):
-                    blocks.append(out.to_ndarray())
-                    total += out.samples
+                if frame.sample_rate != rate:
+                    if rate:
+                        raise AudioError(f"{name} changes its sample rate mid-stream")
+                    rate = frame.sample_rate
+                _check_audio_params(name, frame.sample_rate, frame.layout.nb_channels)
+                if to_float is None:
+                    # Packed float: PyAV's to_ndarray() crashes on planar frames of 8 or
+                    # more channels. One-second frames keep the per-frame cost low.
+                    to_float = av.AudioResampler(format="flt", frame_size=rate)
+                total += _append_mono(blocks, to_float.resample(frame))
                 if max_seconds is not None and total > max_seconds * rate:
                     raise AudioError(f"audio is longer than the maximum of {max_seconds:g} s")
+            if to_float is not None:
+                total += _append_mono(blocks, to_float.resample(None))
         except av.error.FFmpegError as exc:
             raise AudioError(f"{name} is corrupt: {ffmpeg_reason(exc)}") from exc
+        except ValueError as exc:  # the resampler refuses frames whose layout changed
+            raise AudioError(f"{name} changes its channel layout mid-stream") from exc
     if not total:
         raise AudioError(f"{name} holds no decodable audio")
-    return blocks, rate
+    return np.concatenate(blocks), rate
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Settings
 from ..errors import MuseTalkWarmError
+from ..media.isolate import start as start_audio_decoder
 from ..sessions.store import SessionStore
 from .middleware import BodyLimit, RequestContext
 from .routes import health, jobs, sessions, speak
@@ -50,6 +51,7 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     try:
         tts = await anyio.to_thread.run_sync(tts_factory, warm.settings)
         runtime = await anyio.to_thread.run_sync(runtime_factory, warm.settings)
+        await anyio.to_thread.run_sync(start_audio_decoder)  # the first upload pays no start-up
     except MuseTalkWarmError as exc:
         log.error("startup failed: %s", exc)
         warm.load_error = exc

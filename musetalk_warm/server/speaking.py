@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..media.audio import load_audio_native, speech_tracks
+from ..media.audio import MIN_SECONDS, load_audio_native, speech_tracks
 from ..errors import TextError
 from ..media.fmp4 import Fragment
 from ..sessions.store import SpeakResult, check_session_id
@@ -81,7 +81,7 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
     else:
         samples, rate = load_audio_native(
             utterance.audio or b"",
-            min_seconds=1.0 / settings.avatar.fps, max_seconds=settings.server.max_audio_seconds,
+            min_seconds=max(MIN_SECONDS, 1.0 / settings.avatar.fps), max_seconds=settings.server.max_audio_seconds,
         )
     t1 = time.perf_counter()
     speech16k, track = speech_tracks(samples, rate, out_rate)

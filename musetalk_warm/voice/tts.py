@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import unicodedata
 from typing import Protocol, runtime_checkable
 
 import httpx
@@ -34,7 +35,8 @@ class TTS(Protocol):
 
 
 def check_text(text: str, max_chars: int | None = None) -> str:
-    """The stripped text, or TextError when empty or over ``max_chars`` (no limit when None).
+    """The stripped text, or TextError when empty, holding control characters (NUL and the
+    like; tab and line breaks are fine) or over ``max_chars`` (no limit when None).
 
     The one text check: engines call it, and the server calls it with its limit
     before any work is queued.
@@ -42,6 +44,12 @@ def check_text(text: str, max_chars: int | None = None) -> str:
     text = text.strip()
     if not text:
         raise TextError("text is empty", hint='send {"text": "something to say"}')
+    control = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    if control is not None:
+        raise TextError(
+            f"text holds the control character U+{ord(control):04X} at position {text.index(control)}",
+            hint="send plain text; tabs and line breaks are fine",
+        )
     if max_chars is not None and len(text) > max_chars:
         raise TextError(
             f"text is {len(text)} characters, more than the limit of {max_chars}",
@@ -59,6 +67,10 @@ def openai_endpoint(url: str, path: str) -> str:
     return f"{base}/{path}" if base.endswith("/v1") else f"{base}/v1/{path}"
 
 
+class _Silence(TTSError):
+    """The engine answered with no samples or only silence."""
+
+
 def _decode_wav(data: bytes, engine: str) -> tuple[np.ndarray, int]:
     """Decode engine output (wav or any libsndfile format) and check it holds speech."""
     try:
@@ -66,12 +78,14 @@ def _decode_wav(data: bytes, engine: str) -> tuple[np.ndarray, int]:
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise TTSError(f"{engine} returned audio that cannot be decoded ({exc})") from exc
     mono = np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32)
-    if mono.size == 0 or rate <= 0:
-        raise TTSError(f"{engine} returned no audio")
+    if rate <= 0:
+        raise TTSError(f"{engine} returned audio without a sample rate")
+    if mono.size == 0:
+        raise _Silence(f"{engine} returned no audio")
     if not np.isfinite(mono).all():
         raise TTSError(f"{engine} returned invalid samples (NaN or infinity)")
     if float(np.abs(mono).max()) < _SILENCE_PEAK:
-        raise TTSError(f"{engine} returned silence")
+        raise _Silence(f"{engine} returned silence")
     return mono, int(rate)
 
 
@@ -103,7 +117,7 @@ class EspeakTTS:
         self._timeout_s = timeout_s
         # A first synthesis proves the voice exists and warms espeak's data files.
         try:
-            self.synthesize("ready")
+            self._speak(check_text("ready"))
         except TTSError as exc:
             raise TTSError(
                 f"espeak-ng cannot speak with voice {voice!r}: {exc.message}",
@@ -111,8 +125,17 @@ class EspeakTTS:
             ) from exc
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        """Speak ``text``; raises TextError when empty, TTSError when espeak fails."""
-        text = check_text(text)
+        """Speak ``text``; raises TextError for text it cannot speak, TTSError when espeak fails."""
+        try:
+            return self._speak(check_text(text))
+        except _Silence as exc:
+            # The voice spoke at start-up, so silence now comes from the text: only
+            # punctuation or symbols espeak does not read out (".", ")", "¡").
+            raise TextError(
+                "espeak-ng finds nothing to say in this text", hint="send words, not only punctuation"
+            ) from exc
+
+    def _speak(self, text: str) -> tuple[np.ndarray, int]:
         # "--" ends options, so text starting with "-" is spoken, not parsed.
         cmd = [self._exe, "-v", self.voice, "-s", str(self.speed_wpm), "--stdout", "--", text]
         try:
