@@ -10,6 +10,7 @@ import http
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -43,7 +44,7 @@ def error_body(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def send_error(
-    scope: Scope, send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()  # type: ignore[assignment]
+    scope: Scope, send: Send, status: int, body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
     """Send a complete JSON error response (the one shape: error, message, hint?, request_id)."""
     payload = json.dumps(error_body(scope, body)).encode()
