@@ -165,7 +165,19 @@ class ServerSettings(_Section):
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(120.0, gt=0)
     auth_token: str | None = None
+    # Browser origins (scheme://host[:port]) allowed besides the page's own: CORS and the Origin check.
     cors_origins: tuple[str, ...] = ()
+    # Host header names accepted besides loopback and `host`; "*" accepts any (behind a proxy that checks it).
+    allowed_hosts: tuple[str, ...] = ()
+    auth_cookie_seconds: int = Field(8 * 3600, ge=60)
+    signed_url_seconds: int = Field(3600, ge=10)
+    max_sessions: int = Field(200, ge=1)
+    max_jobs: int = Field(32, ge=1)
+    max_jobs_per_session: int = Field(4, ge=1)
+    retry_after_seconds: int = Field(5, ge=1)
+    archives_keep: int = Field(20, ge=0)
+    archives_max_age_days: float = Field(30.0, ge=0)
+    archives_max_bytes: int = Field(1024**3, ge=0)
     llm_url: str | None = None
     llm_model: str = "gpt-4o-mini"
     llm_api_key: str | None = None

@@ -65,6 +65,31 @@ class PayloadTooLarge(BadInput):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(BadInput):
+    """A request body is not in a content type the route accepts."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Forbidden(MuseTalkWarmError):
+    """A request from a host or origin the server does not accept."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class TooManyRequests(MuseTalkWarmError):
+    """A configured limit (sessions, queued clips) is reached; ``retry_after`` says when to retry."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
+
+
 class NotFound(MuseTalkWarmError):
     """An avatar, session, clip or job does not exist."""
 
@@ -133,3 +158,4 @@ class Unauthorized(MuseTalkWarmError):
 
     status_code = 401
     code = "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="musetalk-warm"'}

@@ -67,7 +67,8 @@ def make_settings(root: Path, **sections: dict) -> "Settings":
 
     base: dict[str, dict] = {
         "avatar": {"cache_dir": str(root / "avatars"), "demo_seconds": 1.2},
-        "server": {"sessions_dir": str(root / "sessions")},
+        # TestClient sends Host: testserver.
+        "server": {"sessions_dir": str(root / "sessions"), "allowed_hosts": ["testserver"]},
         "models": {"models_dir": str(root / "models"), "renderer": "lite"},
     }
     for name, values in sections.items():

@@ -36,7 +36,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = Settings(
         models={"renderer": "lite"},
         avatar={"demo_seconds": 1.0, "cache_dir": root / "avatars"},
-        server={"sessions_dir": root / "sessions"},
+        server={"sessions_dir": root / "sessions", "max_jobs_per_session": PER_SESSION},
     )
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))

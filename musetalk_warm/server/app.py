@@ -5,24 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from ..config import Settings
 from ..errors import MuseTalkWarmError
 from ..media.isolate import start as start_audio_decoder
+from ..sessions.housekeeping import prune_archives
 from ..sessions.store import SessionStore
-from .middleware import BodyLimit, RequestContext
-from .routes import health, jobs, sessions, speak
+from .deps import require_auth
+from .middleware import STATUS_CODES, BodyLimit, ErrorShape, RequestContext, RequestGuard
+from .routes import auth, docs, health, jobs, sessions, speak
+from .signing import redact_access_log
 from .routes.health import STATIC_DIR
 from .state import Warm
 
@@ -104,41 +111,96 @@ def create_app(
         summary="A warm MuseTalk v1.5 talking-head server: text or audio in, lip-synced session video out.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    server = settings.server
     warm = Warm(settings=settings, store=SessionStore(settings))
+    if server.reset_policy == "archive":
+        prune_archives(warm.store.root, keep=server.archives_keep, max_age_days=server.archives_max_age_days,
+                       max_bytes=server.archives_max_bytes)
     app.state.warm = warm
     _add_error_handlers(app)
-    for router in (speak.router, sessions.router, jobs.router, health.router):
+    for router in (speak.router, sessions.router, jobs.router, health.router, auth.router, docs.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    if settings.server.cors_origins:
+    app.mount(docs.ASSETS_URL, docs.assets, name="docs_assets")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Innermost first: the body limit, the JSON error shape (inside CORS, so errors carry
+    # CORS headers), CORS, the Host/Origin guard, request ids and metrics outermost.
+    app.add_middleware(BodyLimit, max_bytes=server.max_upload_bytes + _MULTIPART_SLACK)
+    app.add_middleware(ErrorShape)
+    if server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(settings.server.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_origins=list(server.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Request-ID", "X-Session-Id"],
         )
-    app.add_middleware(BodyLimit, max_bytes=settings.server.max_upload_bytes + _MULTIPART_SLACK)
+    app.add_middleware(RequestGuard)
     app.add_middleware(RequestContext, metrics=warm.metrics)
+    redact_access_log()
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI spec; bearer auth is declared (on the routes that check it) only when a token is set."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    if app.state.warm.settings.server.auth_token:
+        spec.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "server.auth_token"}
+        }
+        for route in _flat_routes(app.routes):
+            if isinstance(route, APIRoute) and route.include_in_schema and _needs_auth(route.dependant):
+                for method in route.methods:
+                    spec["paths"][route.path_format][method.lower()]["security"] = [{"bearer": []}]
+    app.openapi_schema = spec
+    return spec
+
+
+def _flat_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The app's routes with included routers opened up (the routers add no path prefixes)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from _flat_routes(included.routes) if included is not None else (route,)
+
+
+def _needs_auth(dependant: Dependant) -> bool:
+    return any(dep.call is require_auth or _needs_auth(dep) for dep in dependant.dependencies)
 
 
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def _error_response(request: Request, status: int, body: dict[str, Any]) -> JSONResponse:
+def _error_response(
+    request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> JSONResponse:
     body["request_id"] = _request_id(request)
     request.app.state.warm.metrics.errors.labels(body["error"]).inc()
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (routes are declared one method each)."""
+    methods: set[str] = set()
+    for route in _flat_routes(request.app.router.routes):
+        match, _ = route.matches({**request.scope, "method": ""})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    # Unexpected exceptions are answered by the ErrorShape middleware, which never re-raises.
     @app.exception_handler(MuseTalkWarmError)
     async def _typed(request: Request, exc: MuseTalkWarmError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc)
-        return _error_response(request, exc.status_code, exc.to_dict())
+        return _error_response(request, exc.status_code, exc.to_dict(), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -150,15 +212,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(request, exc.status_code, {"error": code, "message": str(exc.detail)})
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, _request_id(request))
-        response = _error_response(
-            request, 500, {"error": "internal_error", "message": "internal server error; see the server log"}
-        )
-        # This handler runs outside the middleware that stamps the id on responses.
-        response.headers["x-request-id"] = _request_id(request) or ""
-        return response
+        code = STATUS_CODES.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return _error_response(request, exc.status_code, {"error": code, "message": str(exc.detail)}, headers)

@@ -18,7 +18,7 @@ class SpeakRequest(_Body):
 
     text: str = Field(description="what to say; spoken by the configured TTS engine")
     avatar_id: str | None = Field(None, description="a loaded avatar; default: the session's or the configured one")
-    session_id: str | None = Field(None, description="an existing session; default: the default session")
+    session_id: str | None = Field(None, description="a session id, created on first use; default: the default session")
     blend_mode: BlendMode | None = Field(None, description="paste-back for this clip; default: render.blend_mode")
 
 
@@ -64,6 +64,7 @@ class SessionInfo(BaseModel):
 class ResetResponse(SessionInfo):
     status: Literal["success"] = "success"
     message: str
+    previous: bool = Field(description="whether a session of this id existed (and was archived or deleted)")
 
 
 class HealthResponse(BaseModel):
@@ -86,14 +87,31 @@ class ErrorResponse(BaseModel):
 
 
 class ChatRequest(_Body):
-    text: str = Field(description="the user's message; the reply is spoken by the avatar")
-    session_id: str | None = None
-    avatar_id: str | None = None
+    """The JSON body of ``POST /chat``."""
+
+    text: str = Field(description="the user's message; the reply (LLM, or the message itself) is spoken by the avatar")
+    session_id: str | None = Field(None, description="a session id, created on first use; default: the default session")
+    avatar_id: str | None = Field(None, description="a loaded avatar; default: the session's or the configured one")
+
+
+class AuthRequest(_Body):
+    """The JSON body of ``POST /auth``."""
+
+    token: str = Field(description="server.auth_token")
+
+
+class AuthStatus(BaseModel):
+    required: bool = Field(description="whether the server needs a token (server.auth_token is set)")
+    authenticated: bool = Field(description="whether this request carried a valid credential")
+    expires_in: int | None = Field(None, description="seconds the login cookie just set stays valid")
 
 
 class JobStatus(BaseModel):
     job_id: str
-    status: Literal["queued", "running", "done", "error"]
+    status: Literal["queued", "running", "done", "error"] = Field(
+        description="queued: waiting (for the LLM reply, the session's earlier clips or the renderer); "
+        "running: its clip is rendering; done or error"
+    )
     prompt: str
     reply: str | None = None
     video_url: str | None = None

@@ -11,19 +11,24 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
+from fastapi import Request
 
 from ..media.audio import MIN_SECONDS, load_audio_native, speech_tracks
-from ..errors import TextError
+from ..errors import TextError, TooManyRequests
 from ..media.fmp4 import Fragment
+from ..sessions.housekeeping import session_count
 from ..sessions.store import SpeakResult, check_session_id
 from ..voice.tts import check_text
+from .deps import signer
 from .schemas import SpeakResponse
+from .signing import Signer
 from .state import Warm
 
 
@@ -45,19 +50,29 @@ class Utterance:
 def check_utterance(warm: Warm, utterance: Utterance) -> tuple[Utterance, str]:
     """The utterance with its text checked, and its session id; cheap, before any work.
 
-    Raises TextError, BadInput (bad id), NotFound (named session or avatar
-    unknown) or NotReady, so callers answer 4xx/503 before anything is queued.
+    A session is created on first use. Raises TextError, BadInput (bad id),
+    NotFound (unknown avatar), TooManyRequests (session cap) or NotReady, so
+    callers answer 4xx/503 before anything is queued.
     """
     runtime, _ = warm.require_ready()
     settings = warm.settings
     if utterance.text is not None:
         utterance = replace(utterance, text=check_text(utterance.text, settings.server.max_text_chars))
     session_id = check_session_id(utterance.session_id or settings.server.default_session)
-    if utterance.session_id is not None:
-        warm.store.require(session_id)
+    check_room_for(warm, session_id)
     if utterance.avatar_id is not None:
         runtime.avatar(utterance.avatar_id)
     return utterance, session_id
+
+
+def check_room_for(warm: Warm, session_id: str) -> None:
+    """TooManyRequests when ``session_id`` is new and ``server.max_sessions`` sessions exist."""
+    limit = warm.settings.server.max_sessions
+    if not warm.store.exists(session_id) and session_count(warm.store.root) >= limit:
+        raise TooManyRequests(
+            f"the server already holds {limit} sessions",
+            hint="reuse a session id, or raise server.max_sessions",
+        )
 
 
 def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -100,7 +115,7 @@ def _speak_sync(
         render = warm.settings.render.model_copy(update={"blend_mode": utterance.blend_mode})
     result = warm.store.speak(
         session_id, speech16k, utterance.avatar_id, runtime,
-        out_audio=track, create=utterance.session_id is None, render=render, on_fragment=on_fragment,
+        out_audio=track, render=render, on_fragment=on_fragment,
     )
     for stage, seconds in result.timings.items():
         # The runtime's own "audio" (padding) adds to decoding/resampling.
@@ -116,19 +131,30 @@ async def speak(warm: Warm, utterance: Utterance, urls: SessionURLs) -> SpeakRes
 
 
 async def _say(
-    warm: Warm, utterance: Utterance, session_id: str, on_fragment: FragmentSink | None = None
+    warm: Warm, utterance: Utterance, session_id: str, on_fragment: FragmentSink | None = None,
+    *, admitted: bool = False, on_start: Callable[[], None] | None = None,
 ) -> tuple[SpeakResult, dict[str, float]]:
-    """The session's next clip: queued behind the session's earlier requests, made in a worker thread."""
-    async with warm.session_lock(session_id):
-        result, timings = await anyio.to_thread.run_sync(_speak_sync, warm, utterance, session_id, on_fragment)
+    """The session's next clip: queued behind the session's earlier requests, made in a worker thread.
+
+    Counts against the queue limits unless the caller ``admitted`` it already;
+    ``on_start`` is called once the clip holds its session and starts rendering.
+    """
+    with nullcontext() if admitted else warm.admission.hold(session_id, warm.settings.server):
+        async with warm.session_lock(session_id):
+            if on_start is not None:
+                on_start()
+            result, timings = await anyio.to_thread.run_sync(_speak_sync, warm, utterance, session_id, on_fragment)
     warm.metrics.observe_clip(timings, result.frames, result.duration_s)
     return result, timings
 
 
-async def speak_clip(warm: Warm, utterance: Utterance, urls: SessionURLs) -> tuple[SpeakResponse, Path]:
-    """Like :func:`speak`, plus the new clip's file."""
+async def speak_clip(
+    warm: Warm, utterance: Utterance, urls: SessionURLs,
+    *, admitted: bool = False, on_start: Callable[[], None] | None = None,
+) -> tuple[SpeakResponse, Path]:
+    """Like :func:`speak`, plus the new clip's file (``admitted``, ``on_start``: see ``_say``)."""
     utterance, session_id = check_utterance(warm, utterance)
-    result, timings = await _say(warm, utterance, session_id)
+    result, timings = await _say(warm, utterance, session_id, admitted=admitted, on_start=on_start)
     state = result.state
     response = SpeakResponse(
         message=f"clip {result.clip_index} appended to session {session_id}",
@@ -201,17 +227,26 @@ async def speak_stream(warm: Warm, utterance: Utterance) -> tuple[AsyncIterator[
 
 
 class SessionURLs:
-    """Relative URLs of a session's resources (relative, so they work behind a proxy)."""
+    """Relative URLs of a session's resources (relative, so they work behind a proxy).
 
-    def __init__(self, url_path_for: Callable[..., Any]) -> None:
+    With a token configured they are signed (``exp``, ``sig``), so a player
+    without the token can fetch them until they expire.
+    """
+
+    def __init__(self, url_path_for: Callable[..., Any], signer: Signer | None = None) -> None:
         self._for = url_path_for
+        self._sign = signer.sign_url if signer is not None else str
+
+    @classmethod
+    def of(cls, request: Request) -> SessionURLs:
+        return cls(request.app.url_path_for, signer(request.app.state.warm.settings.server))
 
     def clip(self, session_id: str, generation: str, index: int) -> str:
         """A clip's URL; the generation in it keeps URLs unique across resets (and caches honest)."""
-        return str(self._for("session_clip", session_id=session_id, generation=generation, index=str(index)))
+        return self._sign(str(self._for("session_clip", session_id=session_id, generation=generation, index=str(index))))
 
     def video(self, session_id: str) -> str:
-        return str(self._for("session_video", session_id=session_id))
+        return self._sign(str(self._for("session_video", session_id=session_id)))
 
     def download(self, session_id: str) -> str:
-        return f"{self._for('download')}?session_id={session_id}"
+        return self._sign(f"{self._for('download')}?session_id={session_id}")

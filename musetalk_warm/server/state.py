@@ -15,6 +15,7 @@ from ..config import Settings
 from ..errors import MuseTalkWarmError, NotReady
 from ..metrics import Metrics
 from ..sessions.store import SessionStore
+from .limits import Admission
 from .schemas import JobStatus
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Warm:
     # Per session, the newest /chat job: the next one speaks after it (arrival order).
     job_tails: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    admission: Admission = field(default_factory=Admission)
     _session_locks: dict[str, _SessionQueue] = field(default_factory=dict)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

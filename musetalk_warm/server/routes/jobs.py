@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse
 
 from ...errors import MuseTalkWarmError, NotFound
 from ...voice.tts import openai_endpoint
+from ..bodies import json_body, openapi_json_body
 from ..deps import AuthDep, WarmDep
 from ..schemas import ChatRequest, ErrorResponse, JobStatus
 from ..speaking import SessionURLs, Utterance, check_utterance, speak_clip
@@ -25,7 +26,7 @@ from ..state import Warm
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"], dependencies=[AuthDep])
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 415, 422, 429, 503)}
 # Finished jobs beyond this many are forgotten, oldest first (unfinished ones never).
 _MAX_JOBS = 1000
 _FINISHED = ("done", "error")
@@ -75,14 +76,22 @@ async def _run(
 async def _work(
     warm: Warm, job: JobStatus, body: ChatRequest, urls: SessionURLs, previous: asyncio.Task[None] | None
 ) -> None:
-    """Reply, wait for the session's previous job, speak; the outcome goes into ``job``."""
-    job.status = "running"
+    """Reply, wait for the session's previous job, speak; the outcome goes into ``job``.
+
+    The job stays ``queued`` (its LLM reply may arrive meanwhile) until its clip
+    holds the session and starts rendering: then it is ``running``.
+    """
+
+    def started() -> None:
+        job.status = "running"
+
     try:
         job.reply = await _reply(warm, job.prompt)
         if previous is not None:
             # Speak after the session's previous job, however that one ended (wait() never raises it).
             await asyncio.wait([previous])
-        result, clip = await speak_clip(warm, Utterance(job.reply, None, body.avatar_id, body.session_id), urls)
+        utterance = Utterance(job.reply, None, body.avatar_id, body.session_id)
+        result, clip = await speak_clip(warm, utterance, urls, admitted=True, on_start=started)
     except MuseTalkWarmError as exc:
         job.status, job.error = "error", ErrorResponse(**exc.to_dict())
         return
@@ -106,23 +115,40 @@ def _forget_finished(warm: Warm) -> None:
         warm.job_clips.pop(job_id, None)
 
 
-@router.post("/chat", response_model=JobStatus, status_code=202, responses=_ERRORS, summary="Start a reply job")
-async def chat(request: Request, warm: WarmDep, body: ChatRequest) -> JobStatus:
+_CHAT_EXAMPLES = {
+    "default session": {"text": "Tell me about yourself."},
+    "named session": {"text": "What did I just say?", "session_id": "alice"},
+}
+
+
+@router.post(
+    "/chat",
+    response_model=JobStatus,
+    status_code=202,
+    responses=_ERRORS,
+    openapi_extra=openapi_json_body(ChatRequest, _CHAT_EXAMPLES),
+    summary="Start a reply job: the reply (LLM or echo) is spoken as the session's next clip",
+)
+async def chat(request: Request, warm: WarmDep) -> JobStatus:
+    body = await json_body(request, ChatRequest)
+    assert body is not None
     # Text, session and avatar are checked now, so a bad request is a 4xx, not a failed job.
     utterance, session_id = check_utterance(warm, Utterance(body.text, None, body.avatar_id, body.session_id))
     assert utterance.text is not None
+    warm.admission.acquire(session_id, warm.settings.server)
     job = JobStatus(job_id=uuid.uuid4().hex, status="queued", prompt=utterance.text)
     warm.jobs[job.job_id] = job
     _forget_finished(warm)
     previous = warm.job_tails.get(session_id)
-    task = warm.spawn(_run(warm, job, body, SessionURLs(request.app.url_path_for), previous))
+    task = warm.spawn(_run(warm, job, body, SessionURLs.of(request), previous))
     warm.job_tails[session_id] = task
-    task.add_done_callback(lambda done: _untail(warm, session_id, done))
+    task.add_done_callback(lambda done: _job_done(warm, session_id, done))
     return job
 
 
-def _untail(warm: Warm, session_id: str, task: asyncio.Task[None]) -> None:
-    """Forget a finished job as its session's newest, unless a later one took its place."""
+def _job_done(warm: Warm, session_id: str, task: asyncio.Task[None]) -> None:
+    """Free the job's queue place; forget it as its session's newest, unless a later one took its place."""
+    warm.admission.release(session_id)
     if warm.job_tails.get(session_id) is task:
         del warm.job_tails[session_id]
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import anyio
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from ...errors import NotFound
+from ...errors import Forbidden, NotFound
+from ...sessions.housekeeping import prune_archives
 from ...sessions.store import SessionState, check_session_id
+from ..bodies import json_body, openapi_json_body
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, ResetRequest, ResetResponse, SessionInfo
-from ..speaking import SessionURLs
+from ..speaking import SessionURLs, check_room_for
 from ..state import Warm
 
 router = APIRouter(tags=["sessions"], dependencies=[AuthDep])
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 415, 429)}
 _MP4 = "video/mp4"
 
 
@@ -39,26 +43,66 @@ def _session_id(warm: Warm, session_id: str | None) -> str:
 
 async def _reset(request: Request, warm: Warm, session_id: str | None) -> ResetResponse:
     sid = _session_id(warm, session_id)
+    server = warm.settings.server
+    check_room_for(warm, sid)
     async with warm.session_lock(sid):
+        existed = warm.store.exists(sid)
         state = await anyio.to_thread.run_sync(warm.store.reset, sid)
-    policy = warm.settings.server.reset_policy
-    return ResetResponse(
-        message=f"session {sid} started afresh; the previous one was {'archived' if policy == 'archive' else 'deleted'}",
-        **_info(state, SessionURLs(request.app.url_path_for)),
-    )
+    if not existed:
+        message = f"session {sid} created"
+    elif server.reset_policy == "archive":
+        await anyio.to_thread.run_sync(partial(
+            prune_archives, warm.store.root, keep=server.archives_keep,
+            max_age_days=server.archives_max_age_days, max_bytes=server.archives_max_bytes,
+        ))
+        message = f"session {sid} started afresh; the previous one was archived"
+    else:
+        message = f"session {sid} started afresh; the previous one was deleted"
+    return ResetResponse(message=message, previous=existed, **_info(state, SessionURLs.of(request)))
 
 
-@router.get("/reset", response_model=ResetResponse, responses=_ERRORS, summary="Start the session afresh")
+def _same_site(request: Request) -> None:
+    """Forbidden for a GET that a browser sent from another site (an image or link on a foreign page).
+
+    Browsers mark every request with Sec-Fetch-Site; clients without it (curl,
+    scripts of the original server) are judged by Referer when they send one.
+    """
+    site = request.headers.get("sec-fetch-site")
+    referer = request.headers.get("referer")
+    if site is not None:
+        foreign = site not in ("same-origin", "none")
+    else:
+        foreign = referer is not None and urlsplit(referer).netloc.lower() != request.headers.get("host", "").lower()
+    if foreign:
+        raise Forbidden("GET /reset is refused from another site", hint="use POST /reset")
+
+
+_RESET_EXAMPLES = {"default session": {}, "named session": {"session_id": "alice"}}
+
+
+@router.get(
+    "/reset",
+    response_model=ResetResponse,
+    responses=_ERRORS,
+    deprecated=True,
+    summary="Start the session afresh (for clients of the original server; same-site only; use POST)",
+)
 async def reset_get(
     request: Request, warm: WarmDep, session_id: Annotated[str | None, Query()] = None
 ) -> ResetResponse:
+    _same_site(request)
     return await _reset(request, warm, session_id)
 
 
-@router.post("/reset", response_model=ResetResponse, responses=_ERRORS, summary="Start a session afresh (or create it)")
-async def reset_post(
-    request: Request, warm: WarmDep, body: Annotated[ResetRequest | None, Body()] = None
-) -> ResetResponse:
+@router.post(
+    "/reset",
+    response_model=ResetResponse,
+    responses=_ERRORS,
+    openapi_extra=openapi_json_body(ResetRequest, _RESET_EXAMPLES, required=False),
+    summary="Start a session afresh, or create it (body optional: default session)",
+)
+async def reset_post(request: Request, warm: WarmDep) -> ResetResponse:
+    body = await json_body(request, ResetRequest, optional=True)
     return await _reset(request, warm, body.session_id if body else None)
 
 
@@ -66,7 +110,7 @@ async def reset_post(
 async def session_info(request: Request, warm: WarmDep, session_id: str) -> SessionInfo:
     # In a worker thread: it waits while a clip of this session is being appended.
     state = await anyio.to_thread.run_sync(warm.store.state, check_session_id(session_id))
-    return SessionInfo(**_info(state, SessionURLs(request.app.url_path_for)))
+    return SessionInfo(**_info(state, SessionURLs.of(request)))
 
 
 @router.get(

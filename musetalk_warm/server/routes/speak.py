@@ -6,12 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ...render.blend import BLEND_MODES
 from ...errors import AudioError, BadInput
+from ..bodies import is_json, parse_json, unsupported
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse, SpeakRequest, SpeakResponse
 from ..speaking import SessionURLs, Utterance, speak, speak_stream
@@ -19,15 +18,16 @@ from ..speaking import SessionURLs, Utterance, speak, speak_stream
 router = APIRouter(tags=["speak"], dependencies=[AuthDep])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 502, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503)
 }
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _MULTIPART_SCHEMA = {
     "type": "object",
     "properties": {
         "audio": {"type": "string", "format": "binary", "description": "wav, mp3, ogg, webm, m4a, any rate"},
         "text": {"type": "string", "description": "used when no audio file is sent"},
         "avatar_id": {"type": "string"},
-        "session_id": {"type": "string"},
+        "session_id": {"type": "string", "description": "created on first use; default: the default session"},
         "blend_mode": {"type": "string", "enum": list(BLEND_MODES)},
     },
 }
@@ -35,7 +35,13 @@ _OPENAPI_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": SpeakRequest.model_json_schema()},
+            "application/json": {
+                "schema": SpeakRequest.model_json_schema(),
+                "examples": {
+                    "text": {"value": {"text": "Hello! Nice to meet you."}},
+                    "named session": {"value": {"text": "Hi Alice.", "session_id": "alice"}},
+                },
+            },
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
         },
     }
@@ -50,7 +56,9 @@ async def _from_form(request: Request) -> Utterance:
         fields[key] = value if isinstance(value, str) and value.strip() else None
     if fields["blend_mode"] not in (None, *BLEND_MODES):
         raise BadInput(f"blend_mode must be one of {', '.join(BLEND_MODES)}, got {fields['blend_mode']!r}")
-    upload = form.get("audio") or form.get("file")
+    if "audio" not in form and isinstance(form.get("file"), UploadFile):
+        raise BadInput("the upload field is called 'audio', not 'file'", hint="curl -F audio=@speech.wav ...")
+    upload = form.get("audio")
     if isinstance(upload, UploadFile):
         data = await upload.read()
         if not data:
@@ -62,10 +70,7 @@ async def _from_form(request: Request) -> Utterance:
 
 
 async def _from_json(request: Request) -> Utterance:
-    try:
-        body = SpeakRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+    body = parse_json(SpeakRequest, await request.body())
     return Utterance(body.text, None, body.avatar_id, body.session_id, body.blend_mode)
 
 
@@ -77,7 +82,7 @@ async def _from_json(request: Request) -> Utterance:
     summary="Say text (JSON) or an uploaded audio file (multipart) as the session's next clip",
 )
 async def speak_route(request: Request, warm: WarmDep) -> SpeakResponse:
-    return await speak(warm, await _utterance(request), SessionURLs(request.app.url_path_for))
+    return await speak(warm, await _utterance(request), SessionURLs.of(request))
 
 
 @router.post(
@@ -95,7 +100,9 @@ async def speak_stream_route(request: Request, warm: WarmDep) -> StreamingRespon
 
 
 async def _utterance(request: Request) -> Utterance:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    content_type = request.headers.get("content-type")
+    if content_type and content_type.lower().startswith(_FORM_TYPES):
         return await _from_form(request)
-    return await _from_json(request)
+    if is_json(content_type):
+        return await _from_json(request)
+    raise unsupported(content_type, "application/json, multipart/form-data or application/x-www-form-urlencoded")

@@ -5,8 +5,6 @@ const $ = (id) => document.getElementById(id);
 const video = $("video");
 const statusLine = $("status");
 const tokenBox = $("token");
-tokenBox.value = localStorage.getItem("musetalk-token") || "";
-tokenBox.addEventListener("change", () => localStorage.setItem("musetalk-token", tokenBox.value));
 
 function setStatus(text, isError = false) {
   statusLine.textContent = text;
@@ -14,15 +12,28 @@ function setStatus(text, isError = false) {
 }
 
 function headers(json) {
-  const h = json ? { "Content-Type": "application/json" } : {};
-  if (tokenBox.value) h.Authorization = `Bearer ${tokenBox.value}`;
-  return h;
+  return json ? { "Content-Type": "application/json" } : {};
 }
 
-// <video src> cannot send headers, so media URLs carry the token as a query parameter.
-function mediaUrl(url) {
-  if (!tokenBox.value) return url;
-  return `${url}${url.includes("?") ? "&" : "?"}access_token=${encodeURIComponent(tokenBox.value)}`;
+// The token is sent once to POST /auth, which sets an HttpOnly cookie: the page never
+// stores it, and API calls and <video src> (media URLs) are authorised by that cookie.
+async function logIn() {
+  if (!tokenBox.value) return;
+  try {
+    await call("POST", "/auth", { token: tokenBox.value });
+    setStatus("Logged in.");
+    await showAuth();
+  } catch (err) {
+    setStatus(`Login failed: ${err.message}`, true);
+  } finally {
+    tokenBox.value = "";
+  }
+}
+tokenBox.addEventListener("change", logIn);
+
+async function showAuth() {
+  const auth = await call("GET", "/auth");
+  tokenBox.placeholder = !auth.required ? "not required" : auth.authenticated ? "logged in" : "required";
 }
 
 async function call(method, url, body) {
@@ -41,7 +52,7 @@ async function call(method, url, body) {
 // Browsers refuse to start unmuted playback without a recent user gesture: fall back
 // to muted playback and offer a button that unmutes (a gesture of its own).
 async function play(url) {
-  video.src = mediaUrl(url);
+  video.src = url;
   video.muted = false;
   try {
     await video.play();
@@ -89,7 +100,7 @@ $("form").addEventListener("submit", async (event) => {
     const item = document.createElement("li");
     item.textContent = text;
     $("log").appendChild(item);
-    $("download").href = mediaUrl(result.download_url);
+    $("download").href = result.download_url;
   } catch (err) {
     setStatus(`Error: ${err.message}`, true);
   } finally {
@@ -113,3 +124,4 @@ async function checkHealth() {
   }
 }
 checkHealth();
+showAuth().catch(() => {});
