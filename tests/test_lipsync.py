@@ -123,3 +123,15 @@ def test_mouth_opening_and_energy_correlation() -> None:
     np.testing.assert_allclose(frame_rms(audio, FPS, 3), [0, 0.5, 0])
     assert pearson(np.array([0, 1, 0.0]), frame_rms(audio, FPS, 3)) == pytest.approx(1.0)
     assert pearson(np.ones(3), np.arange(3.0)) == 0.0
+
+
+def test_score_command_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from musetalk_warm.cli import main
+
+    assert main(["score", str(tmp_path / "none.mp4"), "--syncnet", "tiny"]) == 2
+    assert "clip not found: none.mp4" in capsys.readouterr().err
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    assert main(["score", str(clip), "--models-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "syncnet/latentsync_syncnet.pt" in err and str(tmp_path) not in err
