@@ -141,6 +141,21 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(_settings(args))
 
 
+def _cmd_score(args: argparse.Namespace) -> None:
+    from .quality.clip import score_clip
+    from .quality.syncnet import WEIGHTS_PATH, load_syncnet, tiny_syncnet
+
+    clip = Path(args.clip)
+    if not clip.is_file():
+        raise BadInput(f"clip not found: {clip.name}")
+    if args.syncnet == "tiny":
+        model, weights = tiny_syncnet(), "tiny (random weights: exercises the path, scores mean nothing)"
+    else:
+        path = Path(args.syncnet) if args.syncnet else Path(_settings(args).models.models_dir) / WEIGHTS_PATH
+        model, weights = load_syncnet(path), path.name
+    _print({"syncnet": weights, **score_clip(clip, model, vshift=args.vshift, stride=args.stride)})
+
+
 def _version() -> str:
     try:
         return version("musetalk-warm")
@@ -172,7 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the warm HTTP server")
     serve.set_defaults(func=_cmd_serve)
 
-    for p in (prep, render, demo, serve):
+    score = sub.add_parser("score", help="lip-sync scores of a clip: SyncNet offset/LSE-C/LSE-D, mouth opening")
+    score.add_argument("clip", help="video with its audio track (mp4, mkv, webm, ...)")
+    score.add_argument("--syncnet", help="weights file, or 'tiny' for random weights "
+                       "(default: MODELS_DIR/syncnet/latentsync_syncnet.pt)")
+    score.add_argument("--vshift", type=int, default=15, help="AV offsets searched: -N..N frames")
+    score.add_argument("--stride", type=int, default=1, help="score a 16-frame window every N frames")
+    score.set_defaults(func=_cmd_score)
+
+    for p in (prep, render, demo, serve, score):
         _add_settings_flags(p)
     return parser
 

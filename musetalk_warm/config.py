@@ -124,6 +124,9 @@ class RenderSettings(_Section):
     scale_lock_frames: int = Field(50, ge=1)
     affine_enabled: bool = True
     subpixel_enabled: bool = True
+    # Frames whose audio is silent (voice activity) show the source mouth, ramped over this many frames.
+    silence_source_enabled: bool = True
+    silence_ramp_frames: int = Field(3, ge=0, le=25)
 
 
 class MediaSettings(_Section):

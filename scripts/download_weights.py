@@ -9,6 +9,7 @@ and exits 1 when any file failed.
     python scripts/download_weights.py                  # MuseTalk + face prep weights
     python scripts/download_weights.py --only core      # UNet, VAE, Whisper only
     python scripts/download_weights.py --with-enhance   # also GFPGANv1.4.pth
+    python scripts/download_weights.py --with-syncnet   # also LatentSync's SyncNet (for `score`)
     python scripts/download_weights.py --dry-run        # list what would be fetched
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Group = Literal["core", "face", "enhance"]
+Group = Literal["core", "face", "enhance", "syncnet"]
 _CHUNK = 1 << 20
 
 
@@ -89,6 +90,8 @@ FILES: tuple[WeightFile, ...] = (
         url="https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
         sha256="e2cd4703ab14f4d01fd1383a8a8b266f9a5833dacee8e6a79d3bf21a1b6be5ad",
     ),
+    # The lip-sync scorer MuseTalk v1.5 was trained against (configs/training/syncnet.yaml).
+    WeightFile("syncnet/latentsync_syncnet.pt", "syncnet", None, "ByteDance/LatentSync", "latentsync_syncnet.pt"),
 )
 
 
@@ -96,11 +99,15 @@ class DownloadError(Exception):
     """A fetched file is not the expected one."""
 
 
-def select(only: Literal["core", "all"] = "all", with_enhance: bool = False) -> list[WeightFile]:
-    """The files to fetch: ``core`` (UNet, VAE, Whisper) or ``all`` (+ face prep), + GFPGAN on request."""
-    groups = {"core"} if only == "core" else {"core", "face"}
+def select(
+    only: Literal["core", "all"] = "all", with_enhance: bool = False, with_syncnet: bool = False
+) -> list[WeightFile]:
+    """The files to fetch: ``core`` (UNet, VAE, Whisper) or ``all`` (+ face prep), + GFPGAN / SyncNet on request."""
+    groups: set[str] = {"core"} if only == "core" else {"core", "face"}
     if with_enhance:
         groups.add("enhance")
+    if with_syncnet:
+        groups.add("syncnet")
     return [item for item in FILES if item.group in groups]
 
 
@@ -213,9 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--only", choices=("core", "all"), default="all")
     parser.add_argument("--with-enhance", action="store_true", help="also fetch GFPGANv1.4.pth")
+    parser.add_argument("--with-syncnet", action="store_true", help="also fetch LatentSync's latentsync_syncnet.pt")
     parser.add_argument("--dry-run", action="store_true", help="list what would be fetched")
     args = parser.parse_args(argv)
-    rows = sync(args.models_dir, select(args.only, args.with_enhance), dry_run=args.dry_run)
+    rows = sync(args.models_dir, select(args.only, args.with_enhance, args.with_syncnet), dry_run=args.dry_run)
     ok = all(row["status"] != "failed" for row in rows)
     summary = {"models_dir": str(args.models_dir), "dry_run": args.dry_run, "ok": ok, "files": rows}
     print(json.dumps(summary, indent=2))

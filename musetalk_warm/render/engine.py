@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from . import blend
+from . import blend, silence
 from ..media.audio import SAMPLE_RATE
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
@@ -155,7 +155,11 @@ class RenderEngine:
         cond = self._accelerator.submit(self._condition, audio, avatar.fps).result()
         stats.add("condition_s", time.perf_counter() - t0)
         sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
-        yield from self._pipeline(avatar, cond, sources, settings, stats)
+        hold = np.zeros(len(cond), np.float32)
+        if settings.silence_source_enabled:
+            speech = silence.speech_frames(audio, avatar.fps, len(cond))
+            hold = silence.source_weights(speech, settings.silence_ramp_frames)
+        yield from self._pipeline(avatar, cond, sources, settings, stats, hold)
 
     def _condition(self, audio: np.ndarray, fps: int) -> Any:
         try:
@@ -224,6 +228,7 @@ class RenderEngine:
         sources: np.ndarray,
         settings: RenderSettings,
         stats: RenderStats,
+        hold: np.ndarray,
     ) -> Iterator[np.ndarray]:
         bs = settings.batch_size
         starts = deque(range(0, len(sources), bs))
@@ -244,6 +249,8 @@ class RenderEngine:
                 s, fut = pending.popleft()
                 faces = fut.result()
                 submit_next()
+                src = sources[s : s + len(faces)]
+                faces = silence.hold_source(faces, avatar.crops[src], hold[s : s + len(faces)])
                 t0 = time.perf_counter()
                 frames = list(
                     self._composite_pool.map(

@@ -1,0 +1,1 @@
+"""Lip-sync quality: SyncNet scores and mouth-opening statistics of rendered clips."""
