@@ -59,30 +59,31 @@ def test_graphed_and_compiled_buckets_match_eager_fp16(mode: str, tmp_path) -> N
 def test_cuda_feather_paste_matches_cpu_and_engine_paths_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from conftest import make_settings
 
+    from musetalk_warm.config import RenderSettings
     from musetalk_warm.render import blend
-    from musetalk_warm.render.gpu_composite import GpuCompositor
-    from musetalk_warm.render.runtime import Runtime
+    from musetalk_warm.render.engine import RenderEngine
+    from musetalk_warm.render.runtime import accelerated_renderer
+    from scripts.bench_engine import synthetic_avatar
 
-    runtime = Runtime.load(make_settings(tmp_path, models={"renderer": "tiny", "accelerate": "graphs"},
-                                         render={"batch_size": 8}))
+    models = tiny_models(0, "cuda", dtype=torch.float16)
+    avatar = synthetic_avatar(models, 320, 240, frames=10)
+    renderer = accelerated_renderer(models, make_settings(tmp_path, models={"accelerate": "graphs"}))
+    assert renderer.compositor is not None  # GPU compositing is on by default on CUDA
+    src = np.array([0, 5, 9, 2])
+    faces = avatar.crops[src]
+    compositor = renderer.compositor
+    frames = compositor.composite(compositor.prepare(avatar), torch.from_numpy(faces).cuda(), src).frames()
+    for frame, face, i in zip(frames, faces, src, strict=True):
+        want = blend.composite(avatar.frames[i], face, avatar.placements[i], avatar.masks[i],
+                               avatar.crop_boxes[i], "feather")
+        assert np.abs(frame.astype(int) - want).max() <= 3
+    engine = RenderEngine(renderer, RenderSettings(batch_size=8))
     try:
-        avatar = runtime.avatar(None)
-        assert runtime.renderer.compositor is not None  # GPU compositing is on by default on CUDA
-        src = np.array([0, 5, 9, 2])
-        faces = avatar.crops[src]
-        compositor = GpuCompositor("cuda")
-        frames = compositor.composite(compositor.prepare(avatar), torch.from_numpy(faces).cuda(), src).frames()
-        for frame, face, i in zip(frames, faces, src, strict=True):
-            want = blend.composite(avatar.frames[i], face, avatar.placements[i], avatar.masks[i],
-                                   avatar.crop_boxes[i], "feather")
-            assert np.abs(frame.astype(int) - want).max() <= 3
         audio = np.zeros(16000, np.float32)
-        on_gpu = list(runtime.engine.render(audio, avatar, 0))
-        on_cpu = list(runtime.engine.render(audio, avatar, 0,
-                                            settings=runtime.settings.render.model_copy(update={"gpu_composite": False,
-                                                                                                "blend_mode": "feather"})))
-        assert len(on_gpu) == len(on_cpu) == 25
-        diff = np.abs(np.stack(on_gpu).astype(int) - np.stack(on_cpu))
-        assert diff.max() <= 3 and diff.mean() < 0.01
+        on_gpu = list(engine.render(audio, avatar, 0))
+        on_cpu = list(engine.render(audio, avatar, 0, settings=RenderSettings(batch_size=8, gpu_composite=False)))
     finally:
-        runtime.close()
+        engine.close()
+    assert len(on_gpu) == len(on_cpu) == 25
+    diff = np.abs(np.stack(on_gpu).astype(int) - np.stack(on_cpu))
+    assert diff.max() <= 3 and diff.mean() < 0.01
