@@ -72,7 +72,8 @@ class ModelSettings(_Section):
     # Upstream draws latent_dist.sample() from an unseeded RNG; the mean is deterministic.
     latent_sampling: Literal["mode", "sample"] = "mode"
     tiny_seed: int = 0
-    # The UNet + VAE decode path: auto = compile on CUDA (CUDA graphs over torch.compile), eager on CPU.
+    # The UNet + VAE decode path: auto = CUDA graphs per batch bucket on CUDA, eager on CPU;
+    # compile = torch.compile under the graphs (minutes on a first start; cached in compile_cache_dir).
     accelerate: Literal["auto", "eager", "graphs", "compile"] = "auto"
     batch_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     compile_cache_dir: Path = Path("models/.compile-cache")

@@ -451,18 +451,12 @@ def bgr_bytes(images: torch.Tensor) -> torch.Tensor:
 
 
 def use_fast_kernels(models: Models) -> None:
-    """SDPA attention everywhere and channels-last convolutions (CUDA only; same arithmetic)."""
+    """SDPA attention in the UNet and the VAE (same arithmetic as the default processors).
+
+    Channels-last convolutions were measured slower on an H200 (UNet 700 vs 1033 fps
+    at batch 32), so the default memory format stays.
+    """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     models.unet.set_attn_processor(AttnProcessor2_0())
     models.vae.set_attn_processor(AttnProcessor2_0())
-    if models.device.type == "cuda":
-        models.unet.to(memory_format=torch.channels_last)
-        models.vae.to(memory_format=torch.channels_last)
-
-
-def decode_latents(models: Models, latents: torch.Tensor) -> np.ndarray:
-    """``[B,4,32,32]`` predicted latents → ``[B,256,256,3]`` uint8 BGR faces."""
-    with torch.inference_mode():
-        z = torch.as_tensor(latents).to(models.device, models.dtype)
-        return images_to_bgr(models.vae.decode((1 / models.scaling_factor) * z).sample)

@@ -35,9 +35,9 @@ FacesFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_mode(name: str, device: torch.device) -> AccelMode:
-    """``auto`` → ``compile`` on CUDA, ``eager`` elsewhere; CUDA graphs need CUDA."""
+    """``auto`` → ``graphs`` on CUDA (ready in seconds), ``eager`` elsewhere; both others need CUDA."""
     if name == "auto":
-        return "compile" if device.type == "cuda" else "eager"
+        return "graphs" if device.type == "cuda" else "eager"
     if name in ("graphs", "compile") and device.type != "cuda":
         from ..errors import ConfigError
 
@@ -102,9 +102,8 @@ class Accelerator:
 
     def _inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.models
-        fmt = torch.channels_last if m.device.type == "cuda" else torch.contiguous_format
-        latents = torch.zeros(bucket, 8, 32, 32, device=m.device, dtype=m.dtype).to(memory_format=fmt)
-        return latents, torch.zeros(bucket, 50, self._dim, device=m.device, dtype=m.dtype)
+        return (torch.zeros(bucket, 8, 32, 32, device=m.device, dtype=m.dtype),
+                torch.zeros(bucket, 50, self._dim, device=m.device, dtype=m.dtype))
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Warm up ``bucket`` (compiling it if need be) on a side stream, then capture it."""
