@@ -460,3 +460,10 @@ def use_fast_kernels(models: Models) -> None:
 
     models.unet.set_attn_processor(AttnProcessor2_0())
     models.vae.set_attn_processor(AttnProcessor2_0())
+
+
+def decode_latents(models: Models, latents: torch.Tensor) -> np.ndarray:
+    """``[B,4,32,32]`` predicted latents → ``[B,256,256,3]`` uint8 BGR faces."""
+    with torch.inference_mode():
+        z = torch.as_tensor(latents).to(models.device, models.dtype)
+        return images_to_bgr(models.vae.decode((1 / models.scaling_factor) * z).sample)
