@@ -72,6 +72,18 @@ class ModelSettings(_Section):
     # Upstream draws latent_dist.sample() from an unseeded RNG; the mean is deterministic.
     latent_sampling: Literal["mode", "sample"] = "mode"
     tiny_seed: int = 0
+    # The UNet + VAE decode path: auto = CUDA graphs per batch bucket on CUDA, eager on CPU;
+    # compile = torch.compile under the graphs (minutes on a first start; cached in compile_cache_dir).
+    accelerate: Literal["auto", "eager", "graphs", "compile"] = "auto"
+    batch_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    compile_cache_dir: Path = Path("models/.compile-cache")
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or min(value) < 1:
+            raise ValueError("batch_buckets must be one or more positive batch sizes")
+        return tuple(sorted(set(value)))
 
     def path(self, relative: str) -> Path:
         """A weight path under ``models_dir``."""
@@ -112,6 +124,8 @@ class RenderSettings(_Section):
 
     batch_size: int = Field(16, ge=1, le=256)
     composite_workers: int = Field(2, ge=1, le=64)
+    # Feather paste-back on the accelerator (CUDA only; other blend modes composite on the CPU).
+    gpu_composite: bool = True
     blend_mode: BlendMode = "feather"
     upper_boundary_ratio: float = Field(0.5, ge=0, le=1)
     expand: float = Field(1.5, ge=1.0, le=3.0)
@@ -135,6 +149,8 @@ class MediaSettings(_Section):
     video_codec: str = "libx264"
     crf: int = Field(20, ge=0, le=51)
     preset: str = "veryfast"
+    # x264 threads per stream; 0 = x264's own choice (≈1.5× the cores, too many with many sessions).
+    encoder_threads: int = Field(0, ge=0, le=64)
     gop_seconds: float = Field(1.0, gt=0)
     audio_rate: int = 48000
     audio_bitrate: int = 96000

@@ -33,3 +33,57 @@ def test_cuda_matches_cpu_in_fp32_and_fp16_stays_close() -> None:
     assert half_faces.dtype == np.uint8 and half_faces.shape == cpu_faces.shape
     assert np.abs(half_latents - cpu_latents).mean() < 0.05
     assert np.abs(half_faces.astype(int) - cpu_faces.astype(int)).mean() < 3
+
+
+def _inputs(models, n: int):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 8, 32, 32, generator=gen), torch.randn(n, 50, models.audio_dim, generator=gen)
+
+
+@pytest.mark.parametrize("mode", ["graphs", "compile"])
+def test_graphed_and_compiled_buckets_match_eager_fp16(mode: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from musetalk_warm.render.accelerator import Accelerator
+
+    models = tiny_models(0, "cuda", dtype=torch.float16)
+    accel = Accelerator(models, mode=mode, buckets=(1, 4, 8), cache_dir=tmp_path)
+    spent = accel.warmup()
+    assert sorted(spent) == [1, 4, 8]
+    for n in (1, 3, 8, 11):  # exact, padded, and split into 8 + 3(→4)
+        latents, prompts = _inputs(models, n)
+        want = decode_latents(models, unet_step(models, latents, prompts))
+        got = accel.run(latents, prompts)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert got.shape == want.shape and diff.max() <= 2 and diff.mean() < 0.1, (n, diff.max(), diff.mean())
+
+
+def test_cuda_feather_paste_matches_cpu_and_engine_paths_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import make_settings
+
+    from musetalk_warm.config import RenderSettings
+    from musetalk_warm.render import blend
+    from musetalk_warm.render.engine import RenderEngine
+    from musetalk_warm.render.runtime import accelerated_renderer
+    from scripts.bench_engine import synthetic_avatar
+
+    models = tiny_models(0, "cuda", dtype=torch.float16)
+    avatar = synthetic_avatar(models, 320, 240, frames=10)
+    renderer = accelerated_renderer(models, make_settings(tmp_path, models={"accelerate": "graphs"}))
+    assert renderer.compositor is not None  # GPU compositing is on by default on CUDA
+    src = np.array([0, 5, 9, 2])
+    faces = avatar.crops[src]
+    compositor = renderer.compositor
+    frames = compositor.composite(compositor.prepare(avatar), torch.from_numpy(faces).cuda(), src).frames()
+    for frame, face, i in zip(frames, faces, src, strict=True):
+        want = blend.composite(avatar.frames[i], face, avatar.placements[i], avatar.masks[i],
+                               avatar.crop_boxes[i], "feather")
+        assert np.abs(frame.astype(int) - want).max() <= 3
+    engine = RenderEngine(renderer, RenderSettings(batch_size=8))
+    try:
+        audio = np.zeros(16000, np.float32)
+        on_gpu = list(engine.render(audio, avatar, 0))
+        on_cpu = list(engine.render(audio, avatar, 0, settings=RenderSettings(batch_size=8, gpu_composite=False)))
+    finally:
+        engine.close()
+    assert len(on_gpu) == len(on_cpu) == 25
+    diff = np.abs(np.stack(on_gpu).astype(int) - np.stack(on_cpu))
+    assert diff.max() <= 3 and diff.mean() < 0.01

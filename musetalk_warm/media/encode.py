@@ -167,6 +167,8 @@ class ClipEncoder:
             "profile": "high",
             "x264-params": params,
         }
+        if settings.encoder_threads:
+            options["threads"] = str(settings.encoder_threads)
         stream = self._out.add_stream(settings.video_codec, rate=self._fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         ctx = stream.codec_context

@@ -28,6 +28,8 @@ from ..errors import AvatarCacheError, ResourceExhausted
 
 if TYPE_CHECKING:
     from ..models.musetalk import Models
+    from .accelerator import Accelerator
+    from .gpu_composite import FrameBatch, GpuCompositor
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,27 @@ class MouthRenderer(Protocol):
 
 
 class MuseTalkRenderer:
-    """MuseTalk v1.5: one UNet step on cached avatar latents, then VAE decode."""
+    """MuseTalk v1.5: one UNet step on cached avatar latents, then VAE decode.
+
+    The model path runs through an :class:`Accelerator` (eager by default; CUDA
+    graphs or compiled at fixed batch buckets). With a :class:`GpuCompositor`,
+    :meth:`render_frames` also pastes the faces on the device and returns finished
+    frames on their way to the host.
+    """
 
     name = "musetalk"
 
-    def __init__(self, models: Models) -> None:
+    def __init__(self, models: Models, accelerator: Accelerator | None = None,
+                 compositor: GpuCompositor | None = None) -> None:
+        from .accelerator import Accelerator
+
         self.models = models
+        self.accelerator = accelerator or Accelerator(models)
+        self.compositor = compositor
+
+    def prepare(self) -> None:
+        """Compile and capture every batch bucket (seconds once; cached compiles on restart)."""
+        self.accelerator.warmup()
 
     def condition(self, audio: np.ndarray, fps: int) -> Any:
         from ..models.features import audio_prompts
@@ -60,17 +77,38 @@ class MuseTalkRenderer:
         return audio_prompts(self.models, audio, fps)
 
     def generate(self, avatar: Avatar, cond: Any, src_idx: np.ndarray) -> np.ndarray:
+        _require_latents(avatar)
+        return self.accelerator.run(np.ascontiguousarray(avatar.latents[src_idx]), cond)
+
+    def render_frames(self, avatar: Avatar, cond: Any, src_idx: np.ndarray,
+                      settings: RenderSettings) -> FrameBatch | None:
+        """Composited frames for ``src_idx`` from the device, or None where it cannot paste them."""
+        if self.compositor is None or not settings.gpu_composite or not self.compositor.supports(settings.blend_mode):
+            return None
         import torch
 
-        from ..models.musetalk import decode_latents, unet_step
+        _require_latents(avatar)
+        state = self.compositor.prepare(avatar, settings.subpixel_enabled)
+        index = torch.from_numpy(np.ascontiguousarray(src_idx, dtype=np.int64)).to(self.compositor.device)
+        faces = self.accelerator.faces(state.latents[index], cond)  # type: ignore[index]
+        return self.compositor.composite(state, faces, src_idx)
 
-        if avatar.latents is None:
-            raise AvatarCacheError(
-                f"avatar {avatar.avatar_id!r} was prepared without the VAE",
-                hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` with the weights installed",
-            )
-        latents = torch.from_numpy(np.ascontiguousarray(avatar.latents[src_idx]))
-        return decode_latents(self.models, unet_step(self.models, latents, cond))
+
+def _require_latents(avatar: Avatar) -> None:
+    if avatar.latents is None:
+        raise AvatarCacheError(
+            f"avatar {avatar.avatar_id!r} was prepared without the VAE",
+            hint=f"run `musetalk-warm prep --avatar-id {avatar.avatar_id}` with the weights installed",
+        )
+
+
+def _join(parts: list[Any]) -> Any:
+    """One batch from its OOM-split parts: face arrays or frame batches from the device."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return type(parts[0]).concat(parts)
 
 
 @dataclass
@@ -129,6 +167,9 @@ class RenderEngine:
 
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
+        prepare = getattr(self.renderer, "prepare", None)
+        if prepare is not None:
+            self._accelerator.submit(prepare).result()
         silence = np.zeros(-(-self.settings.batch_size * SAMPLE_RATE // avatar.fps), np.float32)
         deque(self.render(silence, avatar, 0), maxlen=0)  # run it, keep nothing
 
@@ -173,18 +214,25 @@ class RenderEngine:
                 hint="send shorter audio or run fewer sessions per GPU",
             ) from exc
 
-    def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats) -> np.ndarray:
-        """One batch, halving the batch on accelerator OOM before giving up."""
+    def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats,
+                  settings: RenderSettings) -> Any:
+        """One batch (faces, or frames composited on the device), halving it on accelerator OOM."""
         step = min(len(src), self._max_step or len(src))
+        on_device = getattr(self.renderer, "render_frames", None)
         while True:
             try:
                 t0 = time.perf_counter()
                 parts = []
                 for i in range(0, len(src), step):
-                    parts.append(self.renderer.generate(avatar, cond[i : i + step], src[i : i + step]))
+                    part = None
+                    if on_device is not None:
+                        part = on_device(avatar, cond[i : i + step], src[i : i + step], settings)
+                    if part is None:
+                        part = self.renderer.generate(avatar, cond[i : i + step], src[i : i + step])
+                    parts.append(part)
                     self._recover()
                 stats.add("generate_s", time.perf_counter() - t0)
-                return np.concatenate(parts) if len(parts) > 1 else parts[0]
+                return _join(parts)
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
@@ -232,14 +280,15 @@ class RenderEngine:
     ) -> Iterator[np.ndarray]:
         bs = settings.batch_size
         starts = deque(range(0, len(sources), bs))
-        pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[int, Future[Any]]] = deque()
 
         # Two batches queued on the accelerator while this thread composites the current one.
         def submit_next() -> None:
             if starts:
                 s = starts.popleft()
                 pending.append(
-                    (s, self._accelerator.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats))
+                    (s, self._accelerator.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats,
+                                                 settings))
                 )
 
         submit_next()
@@ -252,7 +301,7 @@ class RenderEngine:
                 src = sources[s : s + len(faces)]
                 faces = silence.hold_source(faces, avatar.crops[src], hold[s : s + len(faces)])
                 t0 = time.perf_counter()
-                frames = list(
+                frames = faces.frames() if not isinstance(faces, np.ndarray) else list(
                     self._composite_pool.map(
                         self._composite_one,
                         [avatar] * len(faces),

@@ -56,10 +56,25 @@ def build_renderer(settings: Settings) -> tuple[MouthRenderer, Models | None]:
             log.info("MuseTalk weights not found under %s: using the lite renderer", settings.models.models_dir)
         else:
             models = load_models(settings.models)
-            return MuseTalkRenderer(models), models
+            return accelerated_renderer(models, settings), models
     from .lite import LiteRenderer
 
     return LiteRenderer(), None
+
+
+def accelerated_renderer(models: Models, settings: Settings) -> MuseTalkRenderer:
+    """MuseTalk with the configured model path (``models.accelerate``) and, on CUDA, GPU compositing."""
+    from .accelerator import Accelerator, resolve_mode
+
+    mode = resolve_mode(settings.models.accelerate, models.device)
+    accelerator = Accelerator(models, mode=mode, buckets=settings.models.batch_buckets if mode != "eager" else None,
+                              cache_dir=settings.models.compile_cache_dir)
+    compositor = None
+    if models.device.type == "cuda" and settings.render.gpu_composite:
+        from .gpu_composite import GpuCompositor
+
+        compositor = GpuCompositor(models.device, latent_dtype=models.dtype)
+    return MuseTalkRenderer(models, accelerator, compositor)
 
 
 def latent_encoder(models: Models | None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
