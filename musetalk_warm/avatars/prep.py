@@ -243,7 +243,11 @@ def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector
 
 def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings,
            source: Source) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
-    """Boxes ``[N,4]`` and landmarks ``[N,68,2]``; frames without a usable face borrow the nearest one's."""
+    """Boxes ``[N,4]`` and landmarks ``[N,68,2]``, and notes for the manifest.
+
+    Frames without a usable face borrow the nearest one's box (the arrays need
+    one) and are listed as ``faceless_frames``: the engine shows them untouched.
+    """
     cfg = settings.avatar
     height, width = frames.shape[1:3]
     boxes = np.zeros((len(frames), 4), dtype=np.int32)
@@ -271,7 +275,7 @@ def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings
         nearest = int(have[np.argmin(np.abs(have - i))])
         boxes[i], landmarks[i] = boxes[nearest], landmarks[nearest]
     if missing:
-        log.warning("no face in %d of %d frames; they reuse the nearest frame's box", len(missing), len(frames))
+        log.warning("no face in %d of %d frames; they are shown unchanged", len(missing), len(frames))
     return boxes, landmarks, {"faceless_frames": missing, "fallback_box_frames": fallback}
 
 

@@ -95,6 +95,11 @@ class RenderStats:
         }
 
 
+def faceless_frames(avatar: Avatar) -> frozenset[int]:
+    """Source frames in which prep found no face; they are shown as they are, untouched."""
+    return frozenset(int(i) for i in avatar.manifest.get("faceless_frames", ()))
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -205,7 +210,12 @@ class RenderEngine:
             if self._max_step >= self.settings.batch_size:
                 self._max_step = None
 
-    def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
+    def _composite_one(
+        self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings, faceless: frozenset[int]
+    ) -> np.ndarray:
+        if src in faceless:
+            # Prep found no face here (its box is a neighbour's): a mouth would be drawn on the background.
+            return np.array(avatar.frames[src])
         # The face was generated from the crop cut at this placement (prep), so it goes back there.
         return blend.composite(
             avatar.frames[src],
@@ -228,6 +238,7 @@ class RenderEngine:
         bs = settings.batch_size
         starts = deque(range(0, len(sources), bs))
         pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+        faceless = faceless_frames(avatar)
 
         # Two batches queued on the accelerator while this thread composites the current one.
         def submit_next() -> None:
@@ -252,6 +263,7 @@ class RenderEngine:
                         faces,
                         sources[s : s + len(faces)].tolist(),
                         [settings] * len(faces),
+                        [faceless] * len(faces),
                     )
                 )
                 stats.add("composite_s", time.perf_counter() - t0)
