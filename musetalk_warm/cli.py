@@ -1,7 +1,8 @@
-"""`musetalk-warm` command line: prep, render, demo, serve.
+"""The ``musetalk-warm`` command line: prep, render, demo, serve.
 
-Each subcommand turns flags into :class:`Settings` overrides and calls the
-library; results are printed as JSON, failures as one clear line (exit 2).
+Each subcommand turns flags into settings overrides and calls the library;
+results are printed as JSON, failures as one clear line (exit 2). Paths are
+checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -16,38 +17,50 @@ from pathlib import Path
 from typing import Any
 
 
-from .config import Settings, apply_assignments, load_settings
-from .errors import BadInput, MuseTalkWarmError
+from .config import ModelSettings, Settings, apply_assignments, load_settings
+from .errors import BadInput, ConfigError, MuseTalkWarmError
 
 DEMO_TEXT = (
     "Hello! I am a warm talking head. I keep my models loaded, so every new sentence "
     "starts rendering right away, and my lips follow what I say."
 )
 
-# flag -> (section, key); every flag is optional and overrides YAML and env.
-_FLAGS: dict[str, tuple[str, str, Any]] = {
-    "--avatar-id": ("avatar", "avatar_id", str),
-    "--video-path": ("avatar", "video_path", str),
-    "--bbox-shift": ("avatar", "bbox_shift", int),
-    "--fps": ("avatar", "fps", int),
-    "--batch-size": ("render", "batch_size", int),
-    "--blend-mode": ("render", "blend_mode", str),
-    "--renderer": ("models", "renderer", str),
-    "--models-dir": ("models", "models_dir", str),
-    "--device": ("models", "device", str),
-    "--host": ("server", "host", str),
-    "--sessions-dir": ("server", "sessions_dir", str),
-    "--auth-token": ("server", "auth_token", str),
-    "--reset-policy": ("server", "reset_policy", str),
-    "--tts-engine": ("tts", "engine", str),
-    "--port": ("server", "port", int),
+# flag -> (section, key, type, metavar, help); every flag is optional and overrides YAML and env.
+_Flag = tuple[str, str, Any, str, str]
+_AVATAR_FLAGS: dict[str, _Flag] = {
+    "--avatar-id": ("avatar", "avatar_id", str, "ID",
+                    "avatar cache to use (default: demo, the built-in avatar)"),
+    "--video-path": ("avatar", "video_path", str, "FILE", "video or image the avatar is prepared from"),
+    "--bbox-shift": ("avatar", "bbox_shift", int, "PX", "upstream's bbox_shift: moves the face box's top edge by twice this (px, default 0)"),
+    "--fps": ("avatar", "fps", int, "N", "frames per second of the avatar and its videos (default 25)"),
+}
+_RENDER_FLAGS: dict[str, _Flag] = {
+    "--batch-size": ("render", "batch_size", int, "N", "frames generated per batch (default 16)"),
+    "--blend-mode": ("render", "blend_mode", str, "MODE", "how the face is pasted back: feather, poisson or upstream (default feather)"),
+    "--renderer": ("models", "renderer", str, "NAME",
+                   "auto (MuseTalk when its weights are installed, else lite), musetalk, tiny or lite"),
+    "--models-dir": ("models", "models_dir", str, "DIR", "folder of the MuseTalk weights (default models)"),
+    "--device": ("models", "device", str, "DEVICE", "auto, cpu, cuda or cuda:N (default auto)"),
+}
+_SERVER_FLAGS: dict[str, _Flag] = {
+    "--host": ("server", "host", str, "ADDR", "address to listen on (default 127.0.0.1)"),
+    "--port": ("server", "port", int, "PORT", "port to listen on (default 8000)"),
+    "--sessions-dir": ("server", "sessions_dir", str, "DIR", "where sessions are kept (default results/sessions)"),
+    "--auth-token": ("server", "auth_token", str, "TOKEN", "require this bearer token on every request"),
+    "--reset-policy": ("server", "reset_policy", str, "POLICY",
+                       "what a reset does with the old session: archive or delete (default archive)"),
+}
+_TTS_FLAGS: dict[str, _Flag] = {
+    "--tts-engine": ("tts", "engine", str, "NAME", "text-to-speech engine: espeak or openai (default espeak)"),
 }
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML settings file (default configs/inference/realtime_live.yaml)")
-    for flag, (section, key, kind) in _FLAGS.items():
-        parser.add_argument(flag, type=kind, dest=f"{section}.{key}", help=f"sets {section}.{key}")
+def _add_settings_flags(parser: argparse.ArgumentParser, *groups: dict[str, _Flag]) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML settings file (default configs/inference/realtime_live.yaml)")
+    for group in groups:
+        for flag, (section, key, kind, metavar, text) in group.items():
+            parser.add_argument(flag, type=kind, dest=f"{section}.{key}", metavar=metavar, help=text)
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="any other setting, e.g. --set render.subpixel_enabled=false (repeatable)",
@@ -63,6 +76,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, apply_assignments(overrides, args.set))
 
 
+def _check_paths(settings: Settings, audio_path: str | None = None, *, avatar: bool = True) -> None:
+    """Fail on a bad path now, not after the seconds that loading the models takes."""
+    from .avatars.prep import check_source, will_prepare
+
+    if audio_path and not Path(audio_path).is_file():
+        raise BadInput(f"audio file not found: {Path(audio_path).name}")
+    models = settings.models
+    explicit = models.renderer == "musetalk" or models.models_dir != ModelSettings().models_dir
+    if models.renderer in ("auto", "musetalk") and explicit and not models.models_dir.is_dir():
+        raise ConfigError(
+            f"models.models_dir: folder not found: {models.models_dir.name}",
+            hint="point --models-dir at the weights (scripts/download_weights.py fetches them)",
+        )
+    if avatar:
+        will_prepare(settings)
+    else:
+        check_source(settings)
+
+
 def _print(data: dict[str, Any]) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -72,6 +104,7 @@ def _cmd_prep(args: argparse.Namespace) -> None:
     from .render.runtime import build_renderer, latent_encoder
 
     settings = _settings(args)
+    _check_paths(settings, avatar=False)
     t0 = time.perf_counter()
     encoder, vae_id = latent_encoder(build_renderer(settings)[1])
     avatar = prepare_avatar(settings, encoder=encoder, vae_id=vae_id, force=args.force)
@@ -100,6 +133,7 @@ def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str 
     from .media.encode import write_clip_mp4
     from .render.runtime import Runtime
 
+    _check_paths(settings, audio_path)
     t0 = time.perf_counter()
     runtime = Runtime.load(settings)
     load_s = time.perf_counter() - t0
@@ -138,7 +172,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
-    serve(_settings(args))
+    settings = _settings(args)
+    _check_paths(settings)
+    serve(settings)
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
@@ -164,27 +200,32 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musetalk-warm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="musetalk-warm",
+        description="A warm MuseTalk talking-head server and its tools. Results are printed as JSON; "
+        "errors as one line (exit 2).",
+        epilog="Run `musetalk-warm COMMAND --help` for a command's options.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prep = sub.add_parser("prep", help="build (or reuse) an avatar cache from a video or image")
+    prep = sub.add_parser("prep", help="build (or reuse) an avatar cache from a video or image", description="build (or reuse) an avatar cache from a video or image")
     prep.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     prep.set_defaults(func=_cmd_prep)
 
-    render = sub.add_parser("render", help="render one clip from text or an audio file")
-    render.add_argument("--text")
-    render.add_argument("--audio", help="audio file (wav, mp3, ogg, m4a, webm, ...)")
-    render.add_argument("--out", default="results/clip.mp4")
+    render = sub.add_parser("render", help="render one clip from text or an audio file", description="render one clip from text or an audio file")
+    render.add_argument("--text", help="what to say (spoken by the configured TTS)")
+    render.add_argument("--audio", metavar="FILE", help="or an audio file to lip-sync (wav, mp3, ogg, m4a, webm, ...)")
+    render.add_argument("--out", metavar="FILE", default="results/clip.mp4", help="output MP4 (default %(default)s)")
     render.set_defaults(func=_cmd_render)
 
-    demo = sub.add_parser("demo", help="the built-in avatar says a sentence -> results/demo/demo.mp4")
+    demo = sub.add_parser("demo", help="the avatar (the built-in one by default) says a sentence", description="the avatar (the built-in one by default) says a sentence")
     demo.add_argument("--text", help="what to say instead of the built-in sentence")
-    demo.add_argument("--out", default="results/demo/demo.mp4")
+    demo.add_argument("--out", metavar="FILE", default="results/demo/demo.mp4", help="output MP4 (default %(default)s)")
     demo.set_defaults(func=_cmd_demo)
 
-    serve = sub.add_parser("serve", help="run the warm HTTP server")
+    serve = sub.add_parser("serve", help="run the warm HTTP server", description="run the warm HTTP server")
     serve.set_defaults(func=_cmd_serve)
 
     score = sub.add_parser("score", help="lip-sync scores of a clip: SyncNet offset/LSE-C/LSE-D, mouth opening")
@@ -195,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--stride", type=int, default=1, help="score a 16-frame window every N frames")
     score.set_defaults(func=_cmd_score)
 
-    for p in (prep, render, demo, serve, score):
-        _add_settings_flags(p)
+    _add_settings_flags(prep, _AVATAR_FLAGS, _RENDER_FLAGS)
+    _add_settings_flags(render, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS)
+    _add_settings_flags(demo, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS)
+    _add_settings_flags(serve, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS, _SERVER_FLAGS)
+    _add_settings_flags(score)
     return parser
 
 

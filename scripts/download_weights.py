@@ -6,11 +6,11 @@ resumes too. Files already present with the expected size are skipped; after a
 download every size (and SHA-256 where pinned) is checked. Prints a JSON summary
 and exits 1 when any file failed.
 
-    python scripts/download_weights.py                  # MuseTalk + face prep weights
-    python scripts/download_weights.py --only core      # UNet, VAE, Whisper only
-    python scripts/download_weights.py --with-enhance   # also GFPGANv1.4.pth
-    python scripts/download_weights.py --with-syncnet   # also LatentSync's SyncNet (for `score`)
-    python scripts/download_weights.py --dry-run        # list what would be fetched
+    .venv/bin/python scripts/download_weights.py                  # MuseTalk + face prep weights
+    .venv/bin/python scripts/download_weights.py --only core      # UNet, VAE, Whisper only
+    .venv/bin/python scripts/download_weights.py --with-enhance   # also GFPGANv1.4.pth
+    .venv/bin/python scripts/download_weights.py --with-syncnet   # also LatentSync's SyncNet (for `score`)
+    .venv/bin/python scripts/download_weights.py --dry-run        # list what would be fetched
 """
 
 from __future__ import annotations
@@ -217,8 +217,10 @@ def sync(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--only", choices=("core", "all"), default="all")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"),
+                        help="where the weights go, in the upstream layout (default models)")
+    parser.add_argument("--only", choices=("core", "all"), default="all",
+                        help="core: UNet, VAE, Whisper; all (default): also the face-prep weights")
     parser.add_argument("--with-enhance", action="store_true", help="also fetch GFPGANv1.4.pth")
     parser.add_argument("--with-syncnet", action="store_true", help="also fetch LatentSync's latentsync_syncnet.pt")
     parser.add_argument("--dry-run", action="store_true", help="list what would be fetched")

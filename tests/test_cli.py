@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from musetalk_warm.cli import main
@@ -57,3 +59,68 @@ def test_errors_are_one_clear_line(
     assert main([*argv, *_common(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_help_is_plain_text_and_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from musetalk_warm.cli import build_parser
+
+    for command in ([], ["prep"], ["render"], ["demo"], ["serve"]):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([*command, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        # No reStructuredText roles or literals, no metavars made of setting paths.
+        assert "`" not in text.replace("`musetalk-warm COMMAND --help`", "") and ":class:" not in text
+        assert "AVATAR.AVATAR_ID" not in text and "MODELS." not in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings} has no help text"
+    assert "--port" in sub.choices["serve"].format_help() and "--port" not in sub.choices["render"].format_help()
+
+
+def test_a_prepared_avatar_is_rendered_as_it_is(
+    tmp_path: Path, face_bgr: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`render --avatar-id X` without --video-path renders X's cache; it never re-prepares X from the demo."""
+    import cv2
+
+    image = tmp_path / "portrait.png"
+    cv2.imwrite(str(image), face_bgr)
+    assert main(["prep", "--avatar-id", "alice", "--video-path", str(image), *_common(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] == 1
+    manifest = tmp_path / "avatars" / "alice" / "manifest.json"
+    before = manifest.read_bytes()
+    out = tmp_path / "alice.mp4"
+    assert main(["demo", "--avatar-id", "alice", "--text", "Hi.", "--out", str(out), *_common(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["avatar_id"] == "alice"
+    assert manifest.read_bytes() == before and json.loads(before)["source"]["kind"] == "image"
+    assert (probe(out).width, probe(out).height) == face_bgr.shape[1::-1]  # the photo, not the demo
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["demo", "--avatar-id", "nobody"], "musetalk-warm prep --avatar-id nobody --video-path"),
+        (["serve", "--avatar-id", "nobody"], "musetalk-warm prep --avatar-id nobody --video-path"),
+        (["render", "--text", "Hi.", "--video-path", "gone.mp4"], "gone.mp4"),
+        (["prep", "--avatar-id", "nobody"], "--video-path"),
+        (["demo", "--renderer", "auto", "--models-dir", "no-such-dir"], "no-such-dir"),
+        (["render", "--audio", "missing.wav"], "missing.wav"),
+        (["demo", "--config", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_paths_fail_before_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], needle: str
+) -> None:
+    from musetalk_warm.render import runtime
+
+    def no_models(*_: object, **__: object) -> None:
+        raise AssertionError("models were loaded before the paths were checked")
+
+    monkeypatch.setattr(runtime, "build_renderer", no_models)
+    assert main([argv[0], *_common(tmp_path), *argv[1:]]) == 2  # the case's own flags win
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "avatars" / "nobody").exists()

@@ -18,7 +18,7 @@ from musetalk_warm.avatars.cache import Avatar, load_avatar, save_avatar
 from musetalk_warm.render.blend import composite
 from musetalk_warm.config import Settings
 from musetalk_warm.avatars.demo import demo_frames
-from musetalk_warm.errors import AvatarCacheError, FaceNotFound
+from musetalk_warm.errors import AvatarCacheError, ConfigError, FaceNotFound
 from musetalk_warm.avatars.landmarks import Detection, MediapipeDetector
 from musetalk_warm.avatars.masks import crop_box
 from musetalk_warm.avatars.prep import face_box, load_or_prepare, prepare_avatar, with_margin
@@ -318,15 +318,36 @@ def test_load_or_prepare_never_detects_without_preparation(tmp_path: Path, face_
     assert detector.calls == 1
 
 
+def test_an_existing_cache_is_loaded_as_it_is(tmp_path: Path, face_bgr: np.ndarray) -> None:
+    """An avatar prepared from a photo is never re-prepared from the demo for lack of a video path."""
+    image = tmp_path / "portrait.png"
+    cv2.imwrite(str(image), face_bgr)
+    detector = CountingDetector()
+    prepare_avatar(settings_for(tmp_path, video_path=image, avatar_id="alice"), detector=detector, progress=False)
+    manifest = tmp_path / "alice" / "manifest.json"
+    before = manifest.read_bytes()
+    avatar = load_or_prepare(settings_for(tmp_path, avatar_id="alice"), detector=detector, progress=False)
+    assert len(avatar) == 1 and avatar.frames.shape[1:3] == face_bgr.shape[:2]
+    assert detector.calls == 1 and manifest.read_bytes() == before
+    with pytest.raises(AvatarCacheError, match="musetalk-warm prep --avatar-id bob --video-path"):
+        load_or_prepare(settings_for(tmp_path, avatar_id="bob"), detector=detector, progress=False)
+    with pytest.raises(ConfigError, match="only 'demo' is the demo"):
+        prepare_avatar(settings_for(tmp_path, avatar_id="alice"), detector=detector, force=True, progress=False)
+    assert detector.calls == 1 and manifest.read_bytes() == before
+
+
 def test_force_prep_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scripts.force_prep import main
 
     config = tmp_path / "c.yaml"
     config.write_text(f"avatar:\n  cache_dir: {tmp_path / 'avatars'}\n  demo_seconds: 0.5\n  fps: 8\n")
-    assert main(["--config", str(config), "--avatar-id", "cli", "--renderer", "lite"]) == 0
+    assert main(["--config", str(config), "--renderer", "lite"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["avatar_id"] == "cli" and summary["frames"] == 4 and summary["latents"] is False
-    assert summary["cache"].endswith("cli") and (tmp_path / "avatars" / "cli" / "manifest.json").is_file()
+    assert summary["avatar_id"] == "demo" and summary["frames"] == 4 and summary["latents"] is False
+    assert summary["cache"].endswith("demo") and (tmp_path / "avatars" / "demo" / "manifest.json").is_file()
+    # Only the id "demo" is the built-in avatar: another id needs its own source.
+    assert main(["--config", str(config), "--avatar-id", "cli", "--renderer", "lite"]) == 2
+    assert "--video-path" in capsys.readouterr().err and not (tmp_path / "avatars" / "cli").exists()
     assert main(["--config", str(config), "--video-path", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
 

@@ -99,7 +99,15 @@ def test_failed_append_leaves_session_unchanged(
     with pytest.raises(MediaError):
         store.speak("fail", speech[1], None, runtime)
     monkeypatch.undo()
-    assert snapshot(folder) == before
+    after = snapshot(folder)
+    # Media, index and clips are as they were; the state only moved to a new generation,
+    # so the discarded clip's name is never given to another clip.
+    assert {k: v for k, v in after.items() if k != "state.json"} == {
+        k: v for k, v in before.items() if k != "state.json"}
+    old, new = (json.loads(d["state.json"]) for d in (before, after))
+    assert new["generation"] != old["generation"] and new["earlier"] == [[1, old["generation"]]]
+    assert {k: v for k, v in new.items() if k not in ("generation", "earlier")} == {
+        k: v for k, v in old.items() if k not in ("generation", "earlier")}
     assert decodes(store.video_path("fail"))
     # The session carries on from where the last good clip ended.
     result = store.speak("fail", speech[1], None, runtime)
@@ -228,3 +236,74 @@ def test_gapless_after_100_appends(tmp_path: Path, runtime: Runtime, speech: lis
     assert int(info["video"]["nb_read_packets"]) == frames
     # 48 kHz AAC: 1024 samples a packet, no priming frames left between clips.
     assert int(info["audio"]["nb_read_packets"]) == round(frames / FPS * 48000 / 1024)
+
+
+def test_clip_renamed_before_its_state_is_never_served(
+    tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]
+) -> None:
+    """Killed after the clip file is in place but before state.json: recovery removes the orphan,
+    and its URL never serves the next clip's different bytes."""
+    store = SessionStore(_settings(tmp_path))
+    store.speak("orphan", speech[0], None, runtime)
+    generation = store.state("orphan").generation
+    clips = store.path("orphan") / "clips"
+    orphan = clips / f"clip_{generation}_0002.mp4"
+    # What the kill leaves: clip 2 renamed into place, the state still at clip 1.
+    orphan.write_bytes((clips / f"clip_{generation}_0001.mp4").read_bytes())
+    with pytest.raises(NotFound):  # not served even before recovery: the state does not own it
+        store.clip_path("orphan", generation, 2)
+    (store.path("orphan") / ".state.json.dead.tmp").write_bytes(b"half")  # a torn temp file
+    restarted = SessionStore(_settings(tmp_path))
+    state = restarted.state("orphan")
+    assert state.clips == 1 and not orphan.exists()
+    assert not list(store.path("orphan").glob(".*.tmp"))
+    result = restarted.speak("orphan", speech[2], None, runtime)
+    assert result.clip_index == 2 and result.clip_path.name != orphan.name
+    assert sorted(p.name for p in clips.iterdir()) == sorted(restarted.state("orphan").clip_names())
+    with pytest.raises(NotFound):
+        restarted.clip_path("orphan", generation, 2)
+    # Clip 1 keeps its URL; clip 2 has its own.
+    assert restarted.clip_path("orphan", generation, 1).is_file()
+    assert restarted.clip_path("orphan", result.state.generation, 2) == result.clip_path
+    assert decodes(restarted.export("orphan"))
+
+
+def test_temp_clip_left_by_a_kill_is_removed(tmp_path: Path, runtime: Runtime, speech: list[np.ndarray]) -> None:
+    store = SessionStore(_settings(tmp_path))
+    store.speak("tmp", speech[0], None, runtime)
+    clips = store.path("tmp") / "clips"
+    before = sorted(p.name for p in clips.iterdir())
+    (clips / ".clip_x_0002.mp4.dead.tmp").write_bytes(b"\0" * 100)  # as a kill mid-write leaves it
+    restarted = SessionStore(_settings(tmp_path))
+    assert restarted.state("tmp").clips == 1
+    assert sorted(p.name for p in clips.iterdir()) == before
+
+
+def test_failed_index_truncate_still_cuts_the_video_tail(
+    root: Path, runtime: Runtime, speech: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index line is written but its fsync fails, and truncating the index fails too:
+    the uncommitted video bytes are cut at once, not left for the next open."""
+    store = SessionStore(_settings(root))
+    store.speak("trunc", speech[0], None, runtime)
+    video, index = store.video_path("trunc"), store.video_path("trunc").with_name("full_session.index.jsonl")
+    sizes = video.stat().st_size, index.stat().st_size
+
+    def broken_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("index.jsonl"):
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+
+    def broken_truncate(path: object, size: int) -> None:
+        if str(path).endswith("index.jsonl"):
+            raise OSError(5, "Input/output error")
+        os.truncate(path, size)
+
+    fake = types.SimpleNamespace(**{**vars(os), "fsync": broken_fsync, "truncate": broken_truncate})
+    monkeypatch.setattr(session_video, "os", fake)
+    with pytest.raises(MediaError):
+        store.speak("trunc", speech[1], None, runtime)
+    monkeypatch.undo()
+    assert (video.stat().st_size, index.stat().st_size) == sizes
+    assert decodes(video)
+    assert store.speak("trunc", speech[1], None, runtime).clip_index == 2

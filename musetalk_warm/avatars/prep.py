@@ -36,10 +36,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .cache import CROP_SIZE, Avatar, cache_is_current, load_avatar, save_avatar
+from .cache import CROP_SIZE, MANIFEST, Avatar, cache_is_current, load_avatar, save_avatar
 from ..config import Settings
 from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
-from ..errors import BadInput, ConfigError, FaceNotFound, MediaError
+from ..errors import AvatarCacheError, BadInput, ConfigError, FaceNotFound, MediaError
 from .landmarks import Detection, LandmarkDetector, make_detector
 from .masks import Box, blend_mask, crop_box, landmark_segment
 from .stabilise import crop_face, placed_box, plan
@@ -47,6 +47,8 @@ from .stabilise import crop_face, placed_box, plan
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[np.ndarray], np.ndarray]
+# The one avatar id whose source is the built-in demo photo; any other id needs a video or image.
+DEMO_AVATAR_ID = "demo"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 # BiSeNet's checkpoint holds the whole network (the ResNet-18 file upstream also
 # reads is only an initialisation it overwrites).
@@ -70,17 +72,39 @@ class Source:
     path: Path | None = None
 
 
-def describe_source(settings: Settings) -> Source:
-    """The configured source and its content hash (reads the file, decodes nothing)."""
+def _prep_command(avatar_id: str) -> str:
+    return f"musetalk-warm prep --avatar-id {avatar_id} --video-path FILE"
+
+
+def check_source(settings: Settings) -> Path | None:
+    """The configured source file (None for the demo), checked to exist; reads nothing.
+
+    Only the id ``demo`` has the built-in photo as its source, so another avatar
+    can never be overwritten with the demo by a missing ``video_path``.
+    """
     cfg = settings.avatar
     if cfg.video_path is None:
-        return Source("demo", DEMO_SOURCE_ID, demo_source_sha256(cfg.demo_seconds, cfg.fps))
+        if cfg.avatar_id != DEMO_AVATAR_ID:
+            raise ConfigError(
+                f"avatar {cfg.avatar_id!r} has no source to prepare from (only {DEMO_AVATAR_ID!r} is the demo)",
+                hint=f"give its video or image: {_prep_command(cfg.avatar_id)}",
+            )
+        return None
     path = Path(cfg.video_path)
     if not path.is_file():
         raise ConfigError(
             f"avatar.video_path: file not found: {path.name}",
             hint="point avatar.video_path (or --video-path) at a video or image of the avatar",
         )
+    return path
+
+
+def describe_source(settings: Settings) -> Source:
+    """The configured source and its content hash (reads the file, decodes nothing)."""
+    cfg = settings.avatar
+    path = check_source(settings)
+    if path is None:
+        return Source("demo", DEMO_SOURCE_ID, demo_source_sha256(cfg.demo_seconds, cfg.fps))
     with open(path, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
@@ -219,7 +243,11 @@ def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector
 
 def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings,
            source: Source) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
-    """Boxes ``[N,4]`` and landmarks ``[N,68,2]``; frames without a usable face borrow the nearest one's."""
+    """Boxes ``[N,4]`` and landmarks ``[N,68,2]``, and notes for the manifest.
+
+    Frames without a usable face borrow the nearest one's box (the arrays need
+    one) and are listed as ``faceless_frames``: the engine shows them untouched.
+    """
     cfg = settings.avatar
     height, width = frames.shape[1:3]
     boxes = np.zeros((len(frames), 4), dtype=np.int32)
@@ -247,7 +275,7 @@ def _boxes(frames: np.ndarray, found: list[Detection | None], settings: Settings
         nearest = int(have[np.argmin(np.abs(have - i))])
         boxes[i], landmarks[i] = boxes[nearest], landmarks[nearest]
     if missing:
-        log.warning("no face in %d of %d frames; they reuse the nearest frame's box", len(missing), len(frames))
+        log.warning("no face in %d of %d frames; they are shown unchanged", len(missing), len(frames))
     return boxes, landmarks, {"faceless_frames": missing, "fallback_box_frames": fallback}
 
 
@@ -380,13 +408,32 @@ def load_or_prepare(
     detector: LandmarkDetector | None = None,
     progress: bool = True,
 ) -> Avatar:
-    """The avatar for a CLI or demo run.
+    """The avatar for a CLI, demo or server run.
 
-    With ``avatar.preparation`` or the built-in demo avatar, prepare it (a
-    no-op load when the cache is current); otherwise only load the cache,
-    never running detection (a missing cache is an :class:`AvatarCacheError`).
+    With ``avatar.preparation`` or the built-in ``demo`` avatar, prepare it (a
+    no-op load when the cache is current); otherwise load the cache as it is,
+    never running detection (see :func:`will_prepare`).
     """
     cfg = settings.avatar
-    if cfg.preparation or cfg.video_path is None:
+    if will_prepare(settings):
         return prepare_avatar(settings, encoder=encoder, vae_id=vae_id, detector=detector, progress=progress)
     return load_avatar(cfg.avatar_id, cfg.cache_dir)
+
+
+def will_prepare(settings: Settings) -> bool:
+    """Whether :func:`load_or_prepare` prepares (True) or loads a cache (False); cheap, loads nothing.
+
+    Checked before any model is loaded, so a missing source or cache fails at once:
+    ConfigError for a missing source file, AvatarCacheError naming ``prep`` for
+    an avatar other than the demo that was never prepared.
+    """
+    cfg = settings.avatar
+    prepare = cfg.preparation or (cfg.video_path is None and cfg.avatar_id == DEMO_AVATAR_ID)
+    if prepare or cfg.video_path is not None:
+        check_source(settings)
+    if not prepare and not (Path(cfg.cache_dir) / cfg.avatar_id / MANIFEST).is_file():
+        raise AvatarCacheError(
+            f"avatar {cfg.avatar_id!r} has not been prepared",
+            hint=f"prepare it first: {_prep_command(cfg.avatar_id)}",
+        )
+    return prepare

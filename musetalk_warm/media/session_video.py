@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MediaError
-from ..files import atomic_write, fsync_dir
+from ..faults import crash_point
+from ..files import atomic_write, atomic_write_bytes, fsync_dir
 from .fmp4 import (
     EncodedClip,
     Track,
@@ -184,12 +185,14 @@ class SessionVideo:
                 video.write(payload)
                 video.flush()
                 os.fsync(video.fileno())
+            crash_point("video_grown")
             with open(self.index_path, "ab") as index:
                 index.write(json.dumps(state, separators=(",", ":")).encode() + b"\n")
                 index.flush()
                 os.fsync(index.fileno())
             if created:
                 fsync_dir(self.path.parent)
+            crash_point("index_grown")
         except (OSError, MediaError) as exc:
             self._rollback(committed, index_size)
             raise MediaError(
@@ -201,14 +204,20 @@ class SessionVideo:
 
         The index goes first: should the video's truncate then fail, its extra
         bytes are past the last indexed fragment and the next open cuts them.
+        An index that cannot be truncated is rewritten whole from its committed
+        bytes (a rename needs no truncate), so the video's tail goes too, now.
         """
         try:
-            if self.index_path.exists():
-                os.truncate(self.index_path, index_size)
+            if self.index_path.exists() and self.index_path.stat().st_size != index_size:
+                try:
+                    os.truncate(self.index_path, index_size)
+                except OSError:
+                    with open(self.index_path, "rb") as index:
+                        atomic_write_bytes(self.index_path, index.read(index_size))
             if self.path.exists():
                 os.truncate(self.path, committed)
         except OSError:
-            pass  # the next open recovers from the index
+            pass  # the index is committed-only or untouched: the next append or open cuts the video
 
     def _recover(self) -> None:
         records, _ = _truncate_index(self.index_path)

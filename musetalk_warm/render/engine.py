@@ -133,6 +133,11 @@ class RenderStats:
         }
 
 
+def faceless_frames(avatar: Avatar) -> frozenset[int]:
+    """Source frames in which prep found no face; they are shown as they are, untouched."""
+    return frozenset(int(i) for i in avatar.manifest.get("faceless_frames", ()))
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -215,10 +220,10 @@ class RenderEngine:
             ) from exc
 
     def _generate(self, avatar: Avatar, cond: Any, src: np.ndarray, stats: RenderStats,
-                  settings: RenderSettings) -> Any:
+                  settings: RenderSettings, on_device_ok: bool = True) -> Any:
         """One batch (faces, or frames composited on the device), halving it on accelerator OOM."""
         step = min(len(src), self._max_step or len(src))
-        on_device = getattr(self.renderer, "render_frames", None)
+        on_device = getattr(self.renderer, "render_frames", None) if on_device_ok else None
         while True:
             try:
                 t0 = time.perf_counter()
@@ -257,7 +262,12 @@ class RenderEngine:
             if self._max_step >= self.settings.batch_size:
                 self._max_step = None
 
-    def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
+    def _composite_one(
+        self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings, faceless: frozenset[int]
+    ) -> np.ndarray:
+        if src in faceless:
+            # Prep found no face here (its box is a neighbour's): a mouth would be drawn on the background.
+            return np.array(avatar.frames[src])
         # The face was generated from the crop cut at this placement (prep), so it goes back there.
         return blend.composite(
             avatar.frames[src],
@@ -281,14 +291,18 @@ class RenderEngine:
         bs = settings.batch_size
         starts = deque(range(0, len(sources), bs))
         pending: deque[tuple[int, Future[Any]]] = deque()
+        faceless = faceless_frames(avatar)
 
         # Two batches queued on the accelerator while this thread composites the current one.
         def submit_next() -> None:
             if starts:
                 s = starts.popleft()
+                src = sources[s : s + bs]
+                # Silent or faceless frames are finished from faces on the host (source-mouth hold).
+                on_device_ok = not np.any(hold[s : s + bs] > 0) and faceless.isdisjoint(src.tolist())
                 pending.append(
-                    (s, self._accelerator.submit(self._generate, avatar, cond[s : s + bs], sources[s : s + bs], stats,
-                                                 settings))
+                    (s, self._accelerator.submit(self._generate, avatar, cond[s : s + bs], src, stats,
+                                                 settings, on_device_ok))
                 )
 
         submit_next()
@@ -308,6 +322,7 @@ class RenderEngine:
                         faces,
                         sources[s : s + len(faces)].tolist(),
                         [settings] * len(faces),
+                        [faceless] * len(faces),
                     )
                 )
                 stats.add("composite_s", time.perf_counter() - t0)

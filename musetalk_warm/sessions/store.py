@@ -9,6 +9,10 @@ Layout of ``<sessions_dir>/<session_id>/``::
 
 The generation is a random id made with the session: a reset starts a new one,
 so clip names and URLs of the old session never name a clip of the new one.
+Discarding a clip (a failed append, or recovery after a crash) also starts a
+new generation for the clips that follow, so a clip name, and its URL, always
+means the same bytes or nothing: never another clip's. The state lists which
+generation named which clips, and only those files are served or kept.
 A reset moves the old folder to ``_<session_id>.<UTC time>`` (archive policy),
 a name session-id validation refuses, so an archive cannot be spoken to.
 
@@ -17,7 +21,9 @@ written just before the append and keeps the state it replaces under
 ``previous``: if the append fails, or the process dies before it lands, the
 video has one clip fewer than the state and the state is rolled back to
 ``previous`` (at once, or when the session is next opened). A failed speak
-therefore leaves the video, index and state as they were.
+therefore leaves the video, index and state as they were. When a session is
+first opened, files the state does not own (a clip renamed into place just
+before a crash, temp files a kill left) are removed.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ import numpy as np
 
 from ..config import RenderSettings, Settings, safe_name
 from ..errors import BadInput, MediaError, NotFound
-from ..files import atomic_write_bytes
-from ..media.fmp4 import Fragment
+from ..faults import crash_point
+from ..files import atomic_write_bytes, fsync_dir
+from ..media.fmp4 import EncodedClip, Fragment
 from ..media.encode import write_clip_mp4
 from ..media.session_video import SessionVideo
 
@@ -85,6 +92,8 @@ class SessionState:
     duration_s: float = 0.0
     audio_tail: np.ndarray | None = None
     generation: str = field(default_factory=new_generation)
+    # (last clip index, generation) for clips named before the current generation, ascending.
+    earlier: list[tuple[int, str]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     previous: SessionState | None = None
@@ -108,10 +117,29 @@ class SessionState:
         data.setdefault("generation", _LEGACY_GENERATION)
         tail = data.pop("audio_tail", None)
         previous = data.pop("previous", None)
+        data["earlier"] = [(int(last), str(gen)) for last, gen in data.get("earlier", [])]
         state = cls(**data, previous=None if previous is None else cls.from_json(previous))
         if tail is not None:
             state.audio_tail = np.frombuffer(base64.b64decode(tail), dtype="<f4").astype(np.float32)
         return state
+
+    def clip_generation(self, index: int) -> str:
+        """The generation clip ``index`` (1-based) was named with."""
+        for last, generation in self.earlier:
+            if index <= last:
+                return generation
+        return self.generation
+
+    def clip_names(self) -> set[str]:
+        """The file names of the clips this state owns."""
+        return {clip_file_name(self.clip_generation(i), i) for i in range(1, self.clips + 1)}
+
+    def renamed(self) -> SessionState:
+        """This state with a new generation for the clips after it (their old names are burnt)."""
+        earlier = list(self.earlier)
+        if self.clips > (earlier[-1][0] if earlier else 0):
+            earlier.append((self.clips, self.generation))
+        return replace(self, generation=new_generation(), earlier=earlier)
 
 
 @dataclass
@@ -173,14 +201,16 @@ class SessionStore:
     def clip_path(self, session_id: str, generation: str, index: int) -> Path:
         """The file of clip ``index`` (1-based) of ``generation``; NotFound when absent.
 
-        A clip of an earlier generation (before a reset) is absent: its name is
-        not reused, so an old URL never serves the new session's clip.
+        Only clips the session's state owns are found: a clip of an earlier
+        generation (before a reset or a discarded clip) is absent, and its name is
+        never reused, so an old URL never serves another clip.
         """
         folder = self.path(session_id)
         if index < 1 or not _GENERATION.fullmatch(generation):
             raise NotFound(f"session {session_id!r} has no clip {index} in generation {generation!r}")
         path = folder / CLIPS_DIR / clip_file_name(generation, index)
-        if not path.is_file():
+        state = self._read_state(session_id)
+        if index > state.clips or state.clip_generation(index) != generation or not path.is_file():
             raise NotFound(
                 f"session {session_id!r} has no clip {index} in generation {generation!r}",
                 hint="the session may have been reset since; GET /sessions/{id} shows the current one",
@@ -256,22 +286,46 @@ class SessionStore:
             video = SessionVideo(self.video_path(session_id))
             if video.clip_count == state.clips - 1 and state.previous is not None:
                 # The process stopped between writing the state and appending the clip.
-                assert state.previous is not None
-                self._rollback(session_id, state.clips, state.previous)
+                state = self._rollback(session_id, state.previous)
             elif video.clip_count != state.clips:
                 raise MediaError(
                     f"session {session_id!r} is inconsistent: its video holds {video.clip_count} clips, "
                     f"its state {state.clips}",
                     hint="reset the session (the old one is kept as an archive)",
                 )
+            self._sweep(session_id, state)
             self._videos[session_id] = video
         return video
 
-    def _rollback(self, session_id: str, clip_index: int, restore: SessionState) -> None:
-        """Drop clip ``clip_index``'s file and put ``restore`` back as the state."""
+    def _rollback(self, session_id: str, restore: SessionState) -> SessionState:
+        """Put ``restore`` back as the state, under a new generation, and drop the clips it does not own."""
         folder = self.path(session_id)
-        (folder / CLIPS_DIR / clip_file_name(restore.generation, clip_index)).unlink(missing_ok=True)
-        self._write_state(folder, restore)
+        restored = restore.renamed()
+        self._write_state(folder, restored)
+        self._sweep(session_id, restored)
+        return restored
+
+    def _sweep(self, session_id: str, state: SessionState) -> None:
+        """Remove what ``state`` does not own: stray clips (renamed in just before a crash), temp files.
+
+        A removed clip of the current generation burns its name: the state moves
+        to a new generation, so the next clip is never served under that name.
+        """
+        folder = self.path(session_id)
+        owned = state.clip_names()
+        clips = folder / CLIPS_DIR
+        stray = [p for p in clips.iterdir() if p.name not in owned] if clips.is_dir() else []
+        stray += [p for p in folder.glob(".*.tmp") if p.is_file()]
+        if not stray:
+            return
+        for path in stray:
+            path.unlink(missing_ok=True)
+        # The export may hold a clip that is gone; it is remade on demand.
+        for path in (folder / EXPORT_FILE, folder / f"{EXPORT_FILE}.json"):
+            path.unlink(missing_ok=True)
+        fsync_dir(clips)
+        if any(p.name.startswith(f"clip_{state.generation}_") for p in stray):
+            self._write_state(folder, state.renamed())
 
     # -- the work ------------------------------------------------------------
     def speak(
@@ -313,7 +367,7 @@ class SessionStore:
             index = state.clips + 1
             clip_path = folder / CLIPS_DIR / clip_file_name(state.generation, index)
             t0 = time.perf_counter()
-            write_clip_mp4(rendered.clip, clip_path)
+            self._write_clip(rendered.clip, clip_path)
             timings["write"] = time.perf_counter() - t0
             new_state = SessionState(
                 session_id=session_id,
@@ -324,17 +378,19 @@ class SessionStore:
                 duration_s=state.duration_s + rendered.duration_s,
                 audio_tail=rendered.audio_tail,
                 generation=state.generation,
+                earlier=state.earlier,
                 created=state.created,
                 previous=replace(state, previous=None),  # one level of history is enough
             )
             t0 = time.perf_counter()
             try:
                 self._write_state(folder, new_state)
+                crash_point("state_written")
                 video.append(rendered.clip)
             except BaseException:
                 # Reopened on next use, so the video's crash recovery runs too.
                 self._videos.pop(session_id, None)
-                self._rollback(session_id, index, state)
+                self._rollback(session_id, state)
                 raise
             timings["append"] = time.perf_counter() - t0
             return SpeakResult(
@@ -348,6 +404,19 @@ class SessionStore:
                 state=new_state,
                 timings={k: round(v, 4) for k, v in timings.items()},
             )
+
+    @staticmethod
+    def _write_clip(clip: EncodedClip, path: Path) -> None:
+        """The clip file, written under a temp name first (a kill leaves only a temp file behind)."""
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            write_clip_mp4(clip, tmp)
+            crash_point("clip_temp")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        crash_point("clip_renamed")
 
     def export(self, session_id: str) -> Path:
         """A plain +faststart MP4 of the whole session (stream copy, cached until the next clip)."""
