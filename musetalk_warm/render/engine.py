@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from . import blend
 from ..media.audio import SAMPLE_RATE
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
@@ -127,6 +126,10 @@ class RenderEngine:
         self._max_step: int | None = None
         self._clean_batches = 0
 
+    def submit(self, fn: Any, /, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the accelerator thread, queued with the engine's own batches."""
+        return self._accelerator.submit(fn, *args)
+
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
         silence = np.zeros(-(-self.settings.batch_size * SAMPLE_RATE // avatar.fps), np.float32)
@@ -206,16 +209,9 @@ class RenderEngine:
                 self._max_step = None
 
     def _composite_one(self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings) -> np.ndarray:
-        # The face was generated from the crop cut at this placement (prep), so it goes back there.
-        return blend.composite(
-            avatar.frames[src],
-            face,
-            avatar.placements[src],
-            avatar.masks[src],
-            avatar.crop_boxes[src],
-            settings.blend_mode,
-            subpixel=settings.subpixel_enabled,
-        )
+        from .mixed import composite_face
+
+        return composite_face(avatar, face, src, settings)
 
     def _pipeline(
         self,

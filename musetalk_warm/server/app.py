@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import MuseTalkWarmError
 from ..sessions.store import SessionStore
 from .middleware import BodyLimit, RequestContext
-from .routes import health, jobs, sessions, speak
+from .routes import health, jobs, live, sessions, speak
 from .routes.health import STATIC_DIR
 from .state import Warm
 
@@ -59,9 +59,19 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
         warm.load_error = MuseTalkWarmError(f"startup failed ({type(exc).__name__})", hint="see the server log")
         return
     warm.tts, warm.runtime = tts, runtime
+    await _start_live(warm)
     warm.load_seconds = time.perf_counter() - t0
     warm.metrics.ready.set(1)
     log.info("ready in %.1f s", warm.load_seconds)
+
+
+async def _start_live(warm: Warm) -> None:
+    from ..live.registry import LiveRegistry
+
+    assert warm.runtime is not None
+    live = LiveRegistry(warm.settings, warm.runtime, warm.tts, warm.store, metrics=warm.metrics)
+    await live.start()
+    warm.live = live
 
 
 def create_app(
@@ -84,6 +94,8 @@ def create_app(
             yield
         finally:
             loader.cancel()
+            if warm.live is not None:
+                await warm.live.close()  # stops every live clock and completes its record
             if warm.tasks:
                 # Clips in flight (streams, chat jobs) finish and are appended before the models go.
                 await asyncio.wait(set(warm.tasks), timeout=SHUTDOWN_GRACE_S)
@@ -106,7 +118,7 @@ def create_app(
     warm = Warm(settings=settings, store=SessionStore(settings))
     app.state.warm = warm
     _add_error_handlers(app)
-    for router in (speak.router, sessions.router, jobs.router, health.router):
+    for router in (speak.router, sessions.router, jobs.router, live.router, health.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.server.cors_origins:
@@ -136,7 +148,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _typed(request: Request, exc: MuseTalkWarmError) -> JSONResponse:
         if exc.status_code >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc)
-        return _error_response(request, exc.status_code, exc.to_dict())
+        response = _error_response(request, exc.status_code, exc.to_dict())
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
