@@ -171,6 +171,14 @@ class ServerSettings(_Section):
     llm_api_key: str | None = None
 
 
+class IceServer(_Section):
+    """A STUN or TURN server for WebRTC (as the browser's RTCIceServer)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
 class LiveSettings(_Section):
     """Live sessions: the per-session clock, speech planning, admission, the record."""
 
@@ -193,6 +201,15 @@ class LiveSettings(_Section):
     feature_context_s: float = Field(2.0, ge=0.2, le=30)
     # A session without viewers that stays idle this long is stopped (0: never).
     idle_timeout_s: float = Field(600.0, ge=0)
+    # Transports. No ICE servers: host candidates only (loopback and LAN); add STUN/TURN
+    # for viewers behind NAT. Both peers get the same list.
+    ice_servers: tuple[IceServer, ...] = ()
+    webrtc_video_codec: Literal["H264", "VP8"] = "H264"
+    max_webrtc_peers: int = Field(64, ge=1)
+    # The browser microphone: this long without audio ends the utterance.
+    mic_gap_s: float = Field(0.4, gt=0, le=10)
+    # fMP4 over WebSocket (Media Source Extensions): frames per fragment.
+    mse_fragment_frames: int = Field(3, ge=1, le=50)
 
 
 class Settings(BaseSettings):

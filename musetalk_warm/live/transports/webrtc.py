@@ -30,6 +30,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from ...config import IceServer, LiveSettings
 from ...errors import BadInput, NotFound, Overloaded
 
 if TYPE_CHECKING:
@@ -40,15 +41,6 @@ log = logging.getLogger(__name__)
 VIDEO_CLOCK = 90000
 MIC_RATE = 16000
 OPUS_PTIME_MS = 20
-
-
-@dataclass(frozen=True)
-class IceServerConfig:
-    """One STUN/TURN server handed to both peers (``urls`` as in RTCIceServer)."""
-
-    urls: tuple[str, ...]
-    username: str | None = None
-    credential: str | None = None
 
 
 def video_frame(frame: LiveFrame, fps: int) -> av.VideoFrame:
@@ -187,7 +179,7 @@ class WebRTCPeers:
     def __init__(
         self,
         *,
-        ice_servers: Sequence[IceServerConfig] = (),
+        ice_servers: Sequence[IceServer] = (),
         video_codec: str = "H264",
         max_peers: int = 64,
         mic_gap_s: float = 0.4,
@@ -198,6 +190,15 @@ class WebRTCPeers:
         self._mic_gap_s = mic_gap_s
         self._peers: dict[str, Peer] = {}
         self._closing: set[asyncio.Task[bool]] = set()
+
+    @classmethod
+    def from_settings(cls, live: LiveSettings) -> WebRTCPeers:
+        return cls(
+            ice_servers=live.ice_servers,
+            video_codec=live.webrtc_video_codec,
+            max_peers=live.max_webrtc_peers,
+            mic_gap_s=live.mic_gap_s,
+        )
 
     def __len__(self) -> int:
         return len(self._peers)
