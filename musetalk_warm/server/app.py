@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import MuseTalkWarmError
 from ..sessions.store import SessionStore
 from .middleware import BodyLimit, RequestContext
-from .routes import health, jobs, live, sessions, speak
+from .routes import health, jobs, live, sessions, speak, transports
 from .routes.health import STATIC_DIR
 from .state import Warm
 
@@ -118,7 +118,7 @@ def create_app(
     warm = Warm(settings=settings, store=SessionStore(settings))
     app.state.warm = warm
     _add_error_handlers(app)
-    for router in (speak.router, sessions.router, jobs.router, live.router, health.router):
+    for router in (speak.router, sessions.router, jobs.router, live.router, transports.router, health.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if settings.server.cors_origins:
