@@ -82,6 +82,10 @@ class Feed(Generic[T]):
             await self._ready.wait()
         return self._queue.popleft()
 
+    def get_nowait(self) -> T:
+        """The next item without waiting; IndexError when none is queued."""
+        return self._queue.popleft()
+
     def close(self) -> None:
         """Stop receiving (the session keeps running)."""
         self.closed = True
@@ -325,6 +329,8 @@ class LiveSession:
             tick, limit = self._next_plan_tick, self._tick + lead
             if tick <= self._tick:  # nothing left in flight: a new segment, blending in
                 tick = self._tick + self._start_lead(min(available, lead) + len(requests))
+                if not utt.ended:  # streamed audio is conditioned in hops: keep one hop in hand
+                    tick += self.settings.pcm_hop_frames
                 limit = tick + lead
                 self._plan_alpha = 0.0
             count = min(available, limit - tick)
