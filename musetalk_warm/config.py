@@ -196,9 +196,8 @@ class LiveSettings(_Section):
     record_idle: bool = False
     record_clip_s: float = Field(4.0, gt=0, le=60)
     subscriber_frames: int = Field(50, ge=1)
-    # Streamed PCM: features are recomputed every hop over this much past audio.
+    # Streamed PCM: features are recomputed every this many frames of new audio.
     pcm_hop_frames: int = Field(4, ge=1)
-    feature_context_s: float = Field(2.0, ge=0.2, le=30)
     # A session without viewers that stays idle this long is stopped (0: never).
     idle_timeout_s: float = Field(600.0, ge=0)
     # Transports. No ICE servers: host candidates only (loopback and LAN); add STUN/TURN

@@ -420,7 +420,7 @@ class LiveSession:
         utt = self._utterance(sentence)
         utt.add_audio(speech16k, track)
         utt.end()
-        await utt.update_conditioning(self.scheduler.condition, 0)
+        await utt.update_conditioning(self.scheduler.condition)
         return utt
 
     def _utterance(self, text: str | None) -> Utterance:
@@ -458,14 +458,13 @@ class LiveSession:
             entry[1].set()
 
     async def _condition_stream(self, utt: Utterance, wake: asyncio.Event, epoch: int) -> None:
-        context = round(self.settings.feature_context_s * self.fps)
         try:
             while epoch == self._epoch:
                 await wake.wait()
                 wake.clear()
                 if epoch != self._epoch:
                     break
-                if await utt.update_conditioning(self.scheduler.condition, context):
+                if await utt.update_conditioning(self.scheduler.condition):
                     self._plan()
                 if utt.planned_all:
                     break

@@ -5,7 +5,8 @@ conditioning and at the output rate for what the viewer hears, one slice of
 ``audio_rate // fps`` samples per video frame. Speech from TTS arrives whole;
 streamed PCM arrives in chunks, and frame ``i`` is conditioned as soon as the
 audio up to frame ``i + LOOKAHEAD_FRAMES`` exists (MuseTalk's Whisper window
-reaches two frames ahead), over a window of recent audio (see docs/NUMERICS.md).
+reaches two frames ahead), over the audio of its 30 s segment so far (see
+docs/NUMERICS.md, "Streamed audio features").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from ..media.audio import SAMPLE_RATE
 
 LOOKAHEAD_FRAMES = 2
+SEGMENT_S = 30  # Whisper's input window: the whole-clip path conditions 30 s segments separately
 
 Condition = Callable[[np.ndarray, int], Awaitable[Sequence[Any]]]
 
@@ -116,21 +118,21 @@ class Utterance:
         """Whether frame ``index`` is one of the silent frames after the speech."""
         return self.total_frames is not None and index >= self.total_frames - self.tail_frames
 
-    async def update_conditioning(self, condition: Condition, context_frames: int) -> int:
+    async def update_conditioning(self, condition: Condition) -> int:
         """Condition every frame whose audio (and look-ahead) has arrived; returns how many were added.
 
-        Frames are conditioned over a window starting ``context_frames`` before the
-        first new frame (aligned so the window starts on a frame boundary); a
-        whole utterance (ended, nothing conditioned yet) is conditioned in one go.
+        The window starts where the whole-clip path starts the frame's 30 s segment
+        (Whisper's input length, positions included), so a frame differs from its
+        whole-clip value only through the audio not yet received; a whole utterance
+        (ended, nothing conditioned yet) is conditioned in one call.
         """
         done = len(self.cond)
         target = self.total_frames if self.ended else max(0, self.audio_frames - LOOKAHEAD_FRAMES)
         assert target is not None
         if target <= done:
             return 0
-        step = self.fps // math.gcd(SAMPLE_RATE, self.fps)  # frames that start on a whole sample
-        first = max(0, done - context_frames)
-        first -= first % step
+        segment = SEGMENT_S * self.fps
+        first = done - done % segment
         start = first * SAMPLE_RATE // self.fps
         stop = None if self.ended else self.audio_frames * SAMPLE_RATE // self.fps
         window = np.array(self.speech16k.view(start, stop))
