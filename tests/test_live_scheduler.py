@@ -150,4 +150,6 @@ def test_admission_books_capacity_per_speaking_session(settings: Settings, avata
 
 def test_policy_is_the_one_place_batch_sizes_are_chosen() -> None:
     policy = MaxBatchPolicy(8)
-    assert [policy.batch_size(n, None) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
+    assert [policy.batch_size(n, None, 1.0) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
+    # A close deadline takes only what can be done by then (at least one frame).
+    assert [policy.batch_size(30, 0.01, slack) for slack in (-1.0, 0.005, 0.035, 1.0)] == [1, 1, 3, 8]

@@ -48,19 +48,26 @@ class FrameRequest:
 
 
 class BatchPolicy(Protocol):
-    """How many of the pending frames the next batch takes (the one place batch sizes are chosen)."""
+    """How many of the pending frames the next batch takes (the one place batch sizes are chosen).
 
-    def batch_size(self, pending: int, per_frame_s: float | None) -> int: ...
+    ``per_frame_s`` is the measured cost of a frame (None before any batch) and
+    ``slack_s`` the time left until the earliest pending deadline.
+    """
+
+    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int: ...
 
 
 @dataclass(frozen=True)
 class MaxBatchPolicy:
-    """Everything pending, up to ``limit`` frames."""
+    """Everything pending up to ``limit`` frames, but no more than finish before the earliest deadline."""
 
     limit: int
 
-    def batch_size(self, pending: int, per_frame_s: float | None) -> int:
-        return max(1, min(pending, self.limit))
+    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int:
+        size = min(pending, self.limit)
+        if per_frame_s:
+            size = min(size, int(max(slack_s, 0.0) / per_frame_s))
+        return max(1, size)
 
 
 class CostModel:
@@ -198,7 +205,10 @@ class FrameScheduler:
     def _next_batch(self) -> list[FrameRequest]:
         while self._heap and self._heap[0][2].future.done():
             heapq.heappop(self._heap)  # cancelled
-        size = self.policy.batch_size(len(self._heap), self.cost.per_frame_s)
+        if not self._heap:
+            return []
+        slack = self._heap[0][0] - self.clock.now()
+        size = self.policy.batch_size(len(self._heap), self.cost.per_frame_s, slack)
         batch: list[FrameRequest] = []
         while self._heap and len(batch) < size:
             request = heapq.heappop(self._heap)[2]

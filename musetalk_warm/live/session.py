@@ -301,7 +301,8 @@ class LiveSession:
     # -- planning ------------------------------------------------------------
     def _start_lead(self, frames: int) -> int:
         """Ticks from now to a new segment's first frame: room for the queue and its first batch."""
-        batch_s = self.scheduler.cost.batch_s(self.scheduler.pending + frames)
+        # Twice the measured cost: batches slow down when the CPU is shared.
+        batch_s = 2.0 * self.scheduler.cost.batch_s(self.scheduler.pending + frames)
         return max(self.settings.start_lead_frames, math.ceil(batch_s * self.fps) + 1)
 
     def _next_ready(self) -> bool:
@@ -416,12 +417,33 @@ class LiveSession:
     async def _synthesise(self, sentence: str) -> Utterance:
         assert self.tts is not None
         samples, rate = await anyio.to_thread.run_sync(self.tts.synthesize, sentence)
-        speech16k, track = speech_tracks(samples, rate, self.audio_rate)
-        utt = self._utterance(sentence)
+        return await self._prepare(samples, rate, sentence)
+
+    async def _prepare(self, samples: np.ndarray, rate: int, text: str | None) -> Utterance:
+        speech16k, track = await anyio.to_thread.run_sync(speech_tracks, samples, rate, self.audio_rate)
+        utt = self._utterance(text)
         utt.add_audio(speech16k, track)
         utt.end()
         await utt.update_conditioning(self.scheduler.condition)
         return utt
+
+    def speak_audio(self, samples: np.ndarray, rate: int, *, text: str | None = None,
+                    interrupt: bool = False) -> Reply:
+        """Speak recorded speech (mono float32 at ``rate``) as one utterance; raises Overloaded."""
+        self.scheduler.book(self.id, self.fps)
+        if interrupt:
+            self.interrupt()
+        reply, epoch = Reply(uuid.uuid4().hex[:12]), self._epoch
+
+        async def run() -> None:
+            utt = await self._prepare(samples, rate, text)
+            if epoch == self._epoch:
+                self._enqueue(utt)
+
+        task = asyncio.create_task(run())
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+        return reply
 
     def _utterance(self, text: str | None) -> Utterance:
         return Utterance(self.fps, self.audio_rate, text=text, tail_frames=self.settings.blend_frames - 1)
