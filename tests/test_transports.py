@@ -90,3 +90,11 @@ def test_mse_websocket_sends_mime_init_and_continuous_fragments(client: TestClie
     assert len(video) >= 30
     assert all(b[0] == a[0] + a[1] for a, b in zip(audio, audio[1:]))  # gapless audio
     assert audio[0][0] == 0
+
+
+def test_ice_servers_come_from_config(tmp_path) -> None:
+    turn = {"urls": ["turn:turn.example.org:3478"], "username": "u", "credential": "p"}
+    app = create_app(live_settings(tmp_path, ice_servers=[turn, {"urls": ["stun:stun.example.org"]}]))
+    with TestClient(app) as c:
+        assert c.get("/live/ice-servers").json() == {"ice_servers": [turn, {"urls": ["stun:stun.example.org"]}]}
+        assert app.state.webrtc._configuration().iceServers[0].urls == turn["urls"]

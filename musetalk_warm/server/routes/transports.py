@@ -46,6 +46,17 @@ def _peers(request: Request) -> WebRTCPeers:
     return peers
 
 
+@router.get("/live/ice-servers", dependencies=[AuthDep], summary="The ICE servers a WebRTC viewer should use")
+async def ice_servers(warm: WarmDep) -> dict[str, list[dict[str, Any]]]:
+    """``live.ice_servers`` in the browser's RTCIceServer shape (empty: host candidates only)."""
+    servers = [
+        {k: v for k, v in {"urls": list(s.urls), "username": s.username, "credential": s.credential}.items()
+         if v is not None}
+        for s in warm.settings.live.ice_servers
+    ]
+    return {"ice_servers": servers}
+
+
 @router.post(
     "/sessions/{session_id}/whep", status_code=201, response_class=Response, responses=_ERRORS,
     dependencies=[AuthDep], summary="WebRTC: SDP offer in, SDP answer out (starts the live session)",
