@@ -153,3 +153,37 @@ def test_policy_is_the_one_place_batch_sizes_are_chosen() -> None:
     assert [policy.batch_size(n, None, 1.0) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
     # A close deadline takes only what can be done by then (at least one frame).
     assert [policy.batch_size(30, 0.01, slack) for slack in (-1.0, 0.005, 0.035, 1.0)] == [1, 1, 3, 8]
+
+
+def test_musetalk_batch_mixes_avatars_in_one_call(tmp_path: Path, tiny_models) -> None:
+    """Frames of two avatars share one UNet + VAE call and match per-avatar rendering."""
+    from dataclasses import replace
+    from functools import partial
+
+    import torch
+
+    from musetalk_warm.avatars.prep import load_or_prepare
+    from musetalk_warm.models.features import audio_prompts
+    from musetalk_warm.models.musetalk import encode_latents
+    from musetalk_warm.render.engine import MuseTalkRenderer
+    from musetalk_warm.render.mixed import generate_faces
+
+    settings = live_test_settings(tmp_path)
+    a = load_or_prepare(settings, encoder=partial(encode_latents, tiny_models), vae_id=tiny_models.vae_id,
+                        progress=False)
+    b = replace(a, avatar_id="other", latents=np.ascontiguousarray(a.latents[::-1]))
+    renderer = MuseTalkRenderer(tiny_models)
+    calls = []
+    unet = tiny_models.unet.forward
+    tiny_models.unet.forward = lambda *args, **kw: calls.append(1) or unet(*args, **kw)
+    try:
+        cond = audio_prompts(tiny_models, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 25)
+        jobs = [FrameJob(a, 0, cond[0]), FrameJob(b, 3, cond[1]), FrameJob(a, 5, cond[2])]
+        mixed = generate_faces(renderer, jobs)
+        assert len(calls) == 1
+        alone_a = renderer.generate(a, torch.stack([cond[0], cond[2]]), np.array([0, 5]))
+        alone_b = renderer.generate(b, cond[1:2], np.array([3]))
+    finally:
+        tiny_models.unet.forward = unet
+    for got, want in zip(mixed, [alone_a[0], alone_b[0], alone_a[1]]):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

@@ -50,6 +50,7 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     try:
         tts = await anyio.to_thread.run_sync(tts_factory, warm.settings)
         runtime = await anyio.to_thread.run_sync(runtime_factory, warm.settings)
+        live = await _start_live(warm, runtime, tts)
     except MuseTalkWarmError as exc:
         log.error("startup failed: %s", exc)
         warm.load_error = exc
@@ -58,20 +59,19 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
         log.exception("startup failed")
         warm.load_error = MuseTalkWarmError(f"startup failed ({type(exc).__name__})", hint="see the server log")
         return
-    warm.tts, warm.runtime = tts, runtime
-    await _start_live(warm)
+    warm.live, warm.tts, warm.runtime = live, tts, runtime
     warm.load_seconds = time.perf_counter() - t0
     warm.metrics.ready.set(1)
     log.info("ready in %.1f s", warm.load_seconds)
 
 
-async def _start_live(warm: Warm) -> None:
+async def _start_live(warm: Warm, runtime: Any, tts: Any) -> Any:
+    """The live-session registry, its scheduler started and its frame cost measured."""
     from ..live.registry import LiveRegistry
 
-    assert warm.runtime is not None
-    live = LiveRegistry(warm.settings, warm.runtime, warm.tts, warm.store, metrics=warm.metrics)
+    live = LiveRegistry(warm.settings, runtime, tts, warm.store, metrics=warm.metrics)
     await live.start()
-    warm.live = live
+    return live
 
 
 def create_app(
