@@ -2,7 +2,8 @@
 
 For N live sessions (1, 2, 4, … until deadlines fail) each speaking recorded
 speech (espeak, synthesised once up front) with pauses, one reply in three cut off
-by an interrupt: per-session delivered fps, p50/p95 tick lateness, deadline-miss
+by an interrupt (a level stops the series when it misses deadlines or admission
+refuses speech with 503): per-session delivered fps, p50/p95 tick lateness, deadline-miss
 rate, utterance received → first speech frame sent, interrupt → first idle frame.
 Then 8 sessions with only one speaking at a time, a text message → first speech
 frame (TTS included), and whether idle sessions used the accelerator.
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from musetalk_warm.config import Settings, apply_assignments, load_settings
+from musetalk_warm.errors import Overloaded
 from musetalk_warm.live.registry import LiveRegistry
 from musetalk_warm.live.session import LiveSession, SessionClosed
 from musetalk_warm.render.runtime import Runtime
@@ -93,13 +95,18 @@ class Watcher:
 
 
 async def _speaker(watcher: Watcher, clips: list[tuple[np.ndarray, int]], until: float, rng: random.Random,
-                   first_frame: list[float], interrupts: list[float]) -> None:
+                   first_frame: list[float], interrupts: list[float], refused: list[int]) -> None:
     """Speak clips with pauses until ``until``; every third one is interrupted after a second."""
     k = 0
     while time.perf_counter() < until:
         samples, rate = clips[k % len(clips)]
         t0 = time.perf_counter()
-        watcher.session.speak_audio(samples, rate)
+        try:
+            watcher.session.speak_audio(samples, rate)
+        except Overloaded as exc:  # admission said no: what a client sees as 503 + Retry-After
+            refused.append(exc.retry_after)
+            await asyncio.sleep(min(exc.retry_after, 1.0))
+            continue
         # The utterance id is only known from its started event: the newest one after t0.
         while not any(t >= t0 for t in watcher.started.values()):
             await asyncio.sleep(0.005)
@@ -133,10 +140,11 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
     frames_before = [w.frames for w in watchers]
     first_frame: list[float] = []
     interrupts: list[float] = []
+    refused: list[int] = []
     rng = random.Random(n)
     t0 = time.perf_counter()
     await asyncio.gather(*(
-        _speaker(w, clips, t0 + seconds, rng, first_frame, interrupts) for w in watchers[:speakers]
+        _speaker(w, clips, t0 + seconds, rng, first_frame, interrupts, refused) for w in watchers[:speakers]
     ))
     elapsed = time.perf_counter() - t0
     fps, misses, speech, lateness = [], 0, 0, []
@@ -166,6 +174,7 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
         "interrupt_to_idle_p50_ms": _ms(interrupts, 50),
         "interrupt_to_idle_max_ms": round(max(interrupts) * 1000, 1) if interrupts else None,
         "utterances": len(first_frame),
+        "refused_503": len(refused),
     }
 
 
@@ -237,7 +246,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             level = await run_level(registry, n, n, args.seconds, clips)
             levels.append(level)
             print(json.dumps(level))
-            if level["miss_rate"] > MAX_MISS_RATE or level["delivered_fps_min"] < 0.95 * settings.avatar.fps:
+            if (level["miss_rate"] > MAX_MISS_RATE or level["refused_503"]
+                    or level["delivered_fps_min"] < 0.95 * settings.avatar.fps):
                 break
         one = await run_level(registry, 8, 1, args.seconds, clips)
         print(json.dumps(one))
@@ -248,6 +258,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         runtime.close()
     return {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "renderer": args.renderer,
+                    "load_average_1m": round(os.getloadavg()[0], 2),
                     "device": runtime.device, "frame": list(runtime.avatar(None).frames.shape[1:3][::-1])},
         "settings": settings.live.model_dump(),
         "measured_frame_cost_ms": round((registry.scheduler.cost.per_frame_s or 0) * 1000, 3),
