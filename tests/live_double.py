@@ -37,6 +37,14 @@ class Subscription:
             raise RuntimeError("session ended")
         return frame
 
+    def get_nowait(self) -> LiveFrame:
+        if self.queue.empty():
+            raise IndexError
+        frame = self.queue.get_nowait()
+        if frame is None:
+            raise RuntimeError("session ended")
+        return frame
+
     def close(self) -> None:
         self.closed = True
 

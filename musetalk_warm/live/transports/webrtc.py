@@ -10,8 +10,10 @@ the server's candidates).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 VIDEO_CLOCK = 90000
 MIC_RATE = 16000
 OPUS_PTIME_MS = 20
+# How far (in frames) a track may trail the session clock before it skips to the newest frame.
+MAX_LAG_FRAMES = 5
 
 
 def video_frame(frame: LiveFrame, fps: int) -> av.VideoFrame:
@@ -69,14 +73,42 @@ def audio_frames(frame: LiveFrame, rate: int) -> list[av.AudioFrame]:
     return out
 
 
+class LiveReader:
+    """Reads a subscription in order but never more than ``max_lag`` frames behind the clock.
+
+    A viewer whose encoder fell behind (a busy CPU) jumps to the newest frame instead of
+    showing the past: latency stays bounded; the skipped ticks are a gap in pts.
+    """
+
+    def __init__(self, subscription: Subscription, max_lag: int) -> None:
+        self._subscription = subscription
+        self._max_lag = max_lag
+        self._backlog: deque[LiveFrame] = deque()
+        self.skipped = 0
+
+    async def next(self) -> LiveFrame:
+        if not self._backlog:
+            self._backlog.append(await self._subscription.get())
+        with contextlib.suppress(IndexError):
+            while True:
+                self._backlog.append(self._subscription.get_nowait())
+        if len(self._backlog) > self._max_lag:
+            self.skipped += len(self._backlog) - 1
+            self._backlog = deque([self._backlog[-1]])
+        return self._backlog.popleft()
+
+    def close(self) -> None:
+        self._subscription.close()
+
+
 class SessionTrack(MediaStreamTrack):
     """One kind (audio or video) of a live session, read from its own subscription."""
 
-    def __init__(self, kind: str, session: LiveSession) -> None:
+    def __init__(self, kind: str, session: LiveSession, max_lag: int = MAX_LAG_FRAMES) -> None:
         super().__init__()
         self.kind = kind
         self._session = session
-        self._subscription: Subscription = session.subscribe()
+        self._reader = LiveReader(session.subscribe(), max_lag)
         self._pending: list[av.AudioFrame] = []
 
     async def recv(self) -> av.VideoFrame | av.AudioFrame:
@@ -85,7 +117,7 @@ class SessionTrack(MediaStreamTrack):
         if self._pending:
             return self._pending.pop(0)
         try:
-            frame = await self._subscription.get()
+            frame = await self._reader.next()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the session ended or dropped this viewer
@@ -97,7 +129,7 @@ class SessionTrack(MediaStreamTrack):
         return self._pending.pop(0)
 
     def stop(self) -> None:
-        self._subscription.close()
+        self._reader.close()
         super().stop()
 
 

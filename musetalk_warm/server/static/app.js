@@ -15,7 +15,9 @@ const live = {
   pc: null, whepUrl: null, micSender: null, micTrack: null,
   ws: null, events: null,
   ready: false, starting: false, generation: 0,
+  marks: {},           // milliseconds since page load at each start-up step
 };
+const mark = (name) => { live.marks[name] = Math.round(performance.now()); };
 window.musetalkLive = live; // for the browser test and the console
 
 function setStatus(text, kind = "ok") {
@@ -96,7 +98,9 @@ async function start() {
   setStatus("Starting the live session…", "busy");
   try {
     const body = live.avatar ? { avatar_id: live.avatar } : {};
+    mark("attach");
     const state = await call("POST", sessionPath("/live"), body);
+    mark("attached");
     live.avatar = state.avatar_id;
     $("avatar").value = state.avatar_id;
     openEvents();
@@ -155,7 +159,8 @@ async function openWebRTC() {
   live.micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
   pc.ontrack = (event) => stream.addTrack(event.track);
   await pc.setLocalDescription(await pc.createOffer());
-  await iceGathered(pc, 2000);
+  await iceGathered(pc, 1000);
+  mark("gathered");
   const response = await fetch(sessionPath("/whep"), {
     method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
   });
@@ -166,7 +171,9 @@ async function openWebRTC() {
   }
   live.whepUrl = response.headers.get("Location");
   await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+  mark("answered");
   await connected(pc, 8000);
+  mark("connected");
   pc.onconnectionstatechange = () => {
     if (["failed", "disconnected", "closed"].includes(pc.connectionState) && live.pc === pc) {
       setStatus("Connection lost, reconnecting…", "error");
