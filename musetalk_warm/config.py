@@ -202,6 +202,46 @@ class ServerSettings(_Section):
     llm_api_key: str | None = None
 
 
+class IceServer(_Section):
+    """A STUN or TURN server for WebRTC (as the browser's RTCIceServer)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+class LiveSettings(_Section):
+    """Live sessions: the per-session clock, speech planning, admission, the record."""
+
+    max_sessions: int = Field(16, ge=1)
+    # Speech frames requested ahead of the clock while speaking, and the fewest ticks
+    # between an utterance's arrival and its first frame (more when batches are slow).
+    lead_frames: int = Field(12, ge=2, le=250)
+    start_lead_frames: int = Field(3, ge=1, le=250)
+    blend_frames: int = Field(4, ge=1, le=25)
+    max_batch: int = Field(16, ge=1, le=256)
+    # Share of the measured frame capacity that speaking sessions may book.
+    utilisation: float = Field(0.85, gt=0, le=1)
+    retry_after_s: int = Field(2, ge=1)
+    record: bool = True
+    record_idle: bool = False
+    record_clip_s: float = Field(4.0, gt=0, le=60)
+    subscriber_frames: int = Field(50, ge=1)
+    # Streamed PCM: features are recomputed every this many frames of new audio.
+    pcm_hop_frames: int = Field(4, ge=1)
+    # A session without viewers that stays idle this long is stopped (0: never).
+    idle_timeout_s: float = Field(600.0, ge=0)
+    # Transports. No ICE servers: host candidates only (loopback and LAN); add STUN/TURN
+    # for viewers behind NAT. Both peers get the same list.
+    ice_servers: tuple[IceServer, ...] = ()
+    webrtc_video_codec: Literal["H264", "VP8"] = "H264"
+    max_webrtc_peers: int = Field(64, ge=1)
+    # The browser microphone: this long without audio ends the utterance.
+    mic_gap_s: float = Field(0.4, gt=0, le=10)
+    # fMP4 over WebSocket (Media Source Extensions): frames per fragment.
+    mse_fragment_frames: int = Field(3, ge=1, le=50)
+
+
 class Settings(BaseSettings):
     """Every setting of the product, in sections."""
 
@@ -219,6 +259,7 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     tts: TTSSettings = TTSSettings()
     server: ServerSettings = ServerSettings()
+    live: LiveSettings = LiveSettings()
 
     @classmethod
     def settings_customise_sources(

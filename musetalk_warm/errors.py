@@ -146,6 +146,18 @@ class ResourceExhausted(MuseTalkWarmError):
     code = "resource_exhausted"
 
 
+class Overloaded(MuseTalkWarmError):
+    """Live speech would exceed the measured frame capacity; ``retry_after`` seconds is a fair wait."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after: int = 2) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class NotReady(MuseTalkWarmError):
     """The models are still loading (or failed to load)."""
 

@@ -37,6 +37,27 @@ class Metrics:
         self.errors = Counter(
             "musetalk_errors", "Error responses by error code", ["code"], registry=self.registry
         )
+        self.live_sessions = Gauge("musetalk_live_sessions", "Live sessions running", registry=self.registry)
+        self.live_speaking = Gauge(
+            "musetalk_live_speaking", "Live sessions booked for speech", registry=self.registry
+        )
+        self.live_queue_depth = Gauge(
+            "musetalk_live_queue_depth", "Speech frames waiting for the frame scheduler", registry=self.registry
+        )
+        self.live_frames = Counter(
+            "musetalk_live_frames", "Frames emitted by live sessions", ["kind"], registry=self.registry
+        )
+        self.live_lateness = Histogram(
+            "musetalk_live_frame_lateness_seconds", "How late a live tick was emitted after its deadline",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28), registry=self.registry,
+        )
+        self.live_misses = Counter(
+            "musetalk_live_deadline_misses", "Speech frames not rendered by their tick", registry=self.registry
+        )
+        self.live_batch_seconds = Histogram(
+            "musetalk_live_batch_seconds", "Seconds per frame-scheduler batch",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
         self.ready = Gauge("musetalk_ready", "1 once models and avatars are loaded", registry=self.registry)
 
     def observe_clip(self, timings: Mapping[str, float], frames: int, duration_s: float) -> None:

@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 import scipy.fft
 
-from ..avatars.cache import CROP_SIZE
-from ..config import BlendMode
+from ..avatars.cache import CROP_SIZE, Avatar
+from ..config import BlendMode, RenderSettings
 from ..avatars.stabilise import snap, upright_box
 
 BLEND_MODES: tuple[str, ...] = get_args(BlendMode)
@@ -200,3 +200,27 @@ def composite(
     m = np.ascontiguousarray(mask[y1 - cy : y2 - cy, x1 - cx : x2 - cx])
     out[y1:y2, x1:x2] = _MODES[mode](out[y1:y2, x1:x2], patch, alpha, m)
     return out
+
+
+def faceless_frames(avatar: Avatar) -> frozenset[int]:
+    """Source frames in which prep found no face; they are shown as they are, untouched."""
+    return frozenset(int(i) for i in avatar.manifest.get("faceless_frames", ()))
+
+
+def composite_face(avatar: Avatar, face: np.ndarray, source: int, settings: RenderSettings) -> np.ndarray:
+    """``face`` pasted back into source frame ``source`` at the placement its crop was cut with.
+
+    A frame in which prep found no face (its box is a neighbour's) comes back untouched:
+    a mouth there would be drawn on the background.
+    """
+    if source in avatar.manifest.get("faceless_frames", ()):
+        return np.array(avatar.frames[source])
+    return composite(
+        avatar.frames[source],
+        face,
+        avatar.placements[source],
+        avatar.masks[source],
+        avatar.crop_boxes[source],
+        settings.blend_mode,
+        subpixel=settings.subpixel_enabled,
+    )

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from . import blend, silence
+from . import silence
+from .blend import composite_face, faceless_frames
 from ..media.audio import SAMPLE_RATE
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
@@ -133,11 +134,6 @@ class RenderStats:
         }
 
 
-def faceless_frames(avatar: Avatar) -> frozenset[int]:
-    """Source frames in which prep found no face; they are shown as they are, untouched."""
-    return frozenset(int(i) for i in avatar.manifest.get("faceless_frames", ()))
-
-
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -169,6 +165,10 @@ class RenderEngine:
         # grow back after a run of clean batches (the memory may have been freed).
         self._max_step: int | None = None
         self._clean_batches = 0
+
+    def submit(self, fn: Any, /, *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on the accelerator thread, queued with the engine's own batches."""
+        return self._accelerator.submit(fn, *args)
 
     def warmup(self, avatar: Avatar) -> None:
         """Render one batch of silence so the first request pays no start-up cost."""
@@ -262,23 +262,6 @@ class RenderEngine:
             if self._max_step >= self.settings.batch_size:
                 self._max_step = None
 
-    def _composite_one(
-        self, avatar: Avatar, face: np.ndarray, src: int, settings: RenderSettings, faceless: frozenset[int]
-    ) -> np.ndarray:
-        if src in faceless:
-            # Prep found no face here (its box is a neighbour's): a mouth would be drawn on the background.
-            return np.array(avatar.frames[src])
-        # The face was generated from the crop cut at this placement (prep), so it goes back there.
-        return blend.composite(
-            avatar.frames[src],
-            face,
-            avatar.placements[src],
-            avatar.masks[src],
-            avatar.crop_boxes[src],
-            settings.blend_mode,
-            subpixel=settings.subpixel_enabled,
-        )
-
     def _pipeline(
         self,
         avatar: Avatar,
@@ -317,12 +300,7 @@ class RenderEngine:
                 t0 = time.perf_counter()
                 frames = faces.frames() if not isinstance(faces, np.ndarray) else list(
                     self._composite_pool.map(
-                        self._composite_one,
-                        [avatar] * len(faces),
-                        faces,
-                        sources[s : s + len(faces)].tolist(),
-                        [settings] * len(faces),
-                        [faceless] * len(faces),
+                        composite_face, [avatar] * len(faces), faces, src.tolist(), [settings] * len(faces)
                     )
                 )
                 stats.add("composite_s", time.perf_counter() - t0)

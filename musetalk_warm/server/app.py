@@ -28,7 +28,7 @@ from ..sessions.housekeeping import prune_archives
 from ..sessions.store import SessionStore
 from .deps import require_auth
 from .middleware import STATUS_CODES, BodyLimit, ErrorShape, RequestContext, RequestGuard
-from .routes import auth, docs, health, jobs, sessions, speak
+from .routes import auth, docs, health, jobs, live, sessions, speak, transports
 from .signing import redact_access_log
 from .routes.health import STATIC_DIR
 from .state import Warm
@@ -59,6 +59,7 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
         tts = await anyio.to_thread.run_sync(tts_factory, warm.settings)
         runtime = await anyio.to_thread.run_sync(runtime_factory, warm.settings)
         await anyio.to_thread.run_sync(start_audio_decoder)  # the first upload pays no start-up
+        live = await _start_live(warm, runtime, tts)
     except MuseTalkWarmError as exc:
         log.error("startup failed: %s", exc)
         warm.load_error = exc
@@ -67,10 +68,19 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
         log.exception("startup failed")
         warm.load_error = MuseTalkWarmError(f"startup failed ({type(exc).__name__})", hint="see the server log")
         return
-    warm.tts, warm.runtime = tts, runtime
+    warm.live, warm.tts, warm.runtime = live, tts, runtime
     warm.load_seconds = time.perf_counter() - t0
     warm.metrics.ready.set(1)
     log.info("ready in %.1f s", warm.load_seconds)
+
+
+async def _start_live(warm: Warm, runtime: Any, tts: Any) -> Any:
+    """The live-session registry, its scheduler started and its frame cost measured."""
+    from ..live.registry import LiveRegistry
+
+    live = LiveRegistry(warm.settings, runtime, tts, warm.store, metrics=warm.metrics)
+    await live.start()
+    return live
 
 
 def create_app(
@@ -93,6 +103,8 @@ def create_app(
             yield
         finally:
             loader.cancel()
+            if warm.live is not None:
+                await warm.live.close()  # stops every live clock and completes its record
             if warm.tasks:
                 # Clips in flight (streams, chat jobs) finish and are appended before the models go.
                 await asyncio.wait(set(warm.tasks), timeout=SHUTDOWN_GRACE_S)
@@ -121,7 +133,8 @@ def create_app(
                        max_bytes=server.archives_max_bytes)
     app.state.warm = warm
     _add_error_handlers(app)
-    for router in (speak.router, sessions.router, jobs.router, health.router, auth.router, docs.router):
+    for router in (speak.router, sessions.router, jobs.router, live.router, transports.router, health.router,
+                   auth.router, docs.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(docs.ASSETS_URL, docs.assets, name="docs_assets")

@@ -19,6 +19,7 @@ from .limits import Admission
 from .schemas import JobStatus
 
 if TYPE_CHECKING:
+    from ..live.registry import LiveRegistry
     from ..render.runtime import Runtime
     from ..voice.tts import TTS
 
@@ -40,6 +41,8 @@ class Warm:
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
     tts: TTS | None = None
+    # Live sessions and their frame scheduler; started once the runtime is loaded.
+    live: LiveRegistry | None = None
     load_error: MuseTalkWarmError | None = None
     load_seconds: float | None = None
     started: float = field(default_factory=time.monotonic)

@@ -1,0 +1,149 @@
+"""The live sessions of one process, and the frame scheduler they share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..config import Settings
+from ..errors import BadInput, Overloaded
+from ..metrics import Metrics
+from ..sessions.store import SessionStore, check_session_id
+from .clock import Clock, LoopClock
+from .recorder import Recorder
+from .scheduler import FrameScheduler, MaxBatchPolicy
+from .session import LiveSession
+
+if TYPE_CHECKING:
+    from ..render.runtime import Runtime
+    from ..voice.tts import TTS
+
+log = logging.getLogger(__name__)
+_SWEEP_S = 5.0
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.create_task(work)
+
+
+class LiveRegistry:
+    """Starts, finds and stops live sessions; refuses new ones beyond ``live.max_sessions`` or capacity."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        tts: TTS | None,
+        store: SessionStore,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = _spawn,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.tts = tts
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock or LoopClock()
+        self._spawn = spawn
+        live = settings.live
+        self.scheduler = FrameScheduler(
+            runtime.renderer, runtime.engine.submit, settings.render, self.clock,
+            policy=MaxBatchPolicy(live.max_batch), utilisation=live.utilisation,
+            retry_after_s=live.retry_after_s, metrics=metrics,
+        )
+        self._sessions: dict[str, LiveSession] = {}
+        self._lock = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the scheduler and measure one batch on the default avatar (capacity for admission)."""
+        self.scheduler.start()
+        await self.scheduler.calibrate(self.runtime.avatar(None), self.settings.live.max_batch)
+        if self.settings.live.idle_timeout_s > 0:
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    def get(self, session_id: str) -> LiveSession | None:
+        return self._sessions.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def attach(self, session_id: str, avatar_id: str | None = None) -> LiveSession:
+        """The session's live stream, started (idling) if it is not running; Overloaded when full."""
+        session_id = check_session_id(session_id)
+        async with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                if avatar_id is not None and avatar_id != session.avatar_id:
+                    raise BadInput(
+                        f"live session {session_id!r} runs avatar {session.avatar_id!r}, not {avatar_id!r}",
+                        hint="stop it (DELETE /sessions/{id}/live) or reset the session to change avatar",
+                    )
+                return session
+            live = self.settings.live
+            if len(self._sessions) >= live.max_sessions or self.scheduler.overloaded():
+                raise Overloaded(
+                    f"{len(self._sessions)} live sessions are running (limit {live.max_sessions})",
+                    hint="retry later or stop an idle live session", retry_after=live.retry_after_s,
+                )
+            state = await anyio.to_thread.run_sync(self.store.create, session_id)
+            avatar = self.runtime.avatar(avatar_id or state.avatar_id)
+            if state.avatar_id not in (None, avatar.avatar_id):
+                raise BadInput(
+                    f"session {session_id!r} speaks with avatar {state.avatar_id!r}, not {avatar.avatar_id!r}",
+                    hint="use another session_id or reset this session to change avatar",
+                )
+            recorder = None
+            if live.record:
+                recorder = Recorder(self.store, session_id, avatar, live, self.settings.media, self._spawn)
+            session = LiveSession(
+                session_id, avatar, self.scheduler, live,
+                audio_rate=self.settings.media.audio_rate, clock=self.clock, tts=self.tts,
+                start_position=state.next_frame, recorder=recorder, metrics=self.metrics,
+                max_text_chars=self.settings.server.max_text_chars,
+            )
+            session.start()
+            self._sessions[session_id] = session
+            self._gauge()
+            log.info("live session %s started (avatar %s)", session_id, avatar.avatar_id)
+            return session
+
+    async def stop(self, session_id: str) -> bool:
+        """Stop a live session (its record is completed); False when it was not running."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        self._gauge()
+        await session.close()
+        log.info("live session %s stopped", session_id)
+        return True
+
+    async def close(self) -> None:
+        """Stop every session, then the scheduler."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for session_id in list(self._sessions):
+            await self.stop(session_id)
+        await self.scheduler.close()
+
+    async def _sweep(self) -> None:
+        """Stop sessions nobody has watched for ``live.idle_timeout_s`` while idle."""
+        timeout = self.settings.live.idle_timeout_s
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = time.monotonic()
+            for session_id, session in list(self._sessions.items()):
+                if not session.viewers and not session.busy and now - session.last_viewed > timeout:
+                    await self.stop(session_id)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.live_sessions.set(len(self._sessions))

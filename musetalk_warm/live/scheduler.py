@@ -1,0 +1,254 @@
+"""The frame scheduler: one per device, shared by every live session on it.
+
+Sessions post speech-frame requests ahead of their ticks; the scheduler runs them
+on the accelerator thread in batches mixed across sessions and avatars, earliest
+deadline first, and resolves each request's future with its composited frame.
+It measures what a frame costs and refuses speech that the device cannot keep up
+with (:class:`~musetalk_warm.errors.Overloaded`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..avatars.cache import Avatar
+from ..config import RenderSettings
+from ..errors import Overloaded
+from ..media.audio import SAMPLE_RATE
+from ..metrics import Metrics
+from ..render.engine import MouthRenderer
+from ..render.blend import composite_face
+from ..render.mixed import FrameJob, generate_faces
+from .clock import Clock
+
+log = logging.getLogger(__name__)
+
+RunOn = Callable[..., "Future[Any]"]
+
+
+@dataclass(eq=False)
+class FrameRequest:
+    """One speech frame a session needs by ``deadline`` (its tick's time on the session clock)."""
+
+    session_id: str
+    tick: int
+    job: FrameJob
+    deadline: float
+    future: asyncio.Future[np.ndarray] = field(repr=False)
+    started: bool = False
+
+
+class BatchPolicy(Protocol):
+    """How many of the pending frames the next batch takes (the one place batch sizes are chosen).
+
+    ``per_frame_s`` is the measured cost of a frame (None before any batch) and
+    ``slack_s`` the time left until the earliest pending deadline.
+    """
+
+    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int: ...
+
+
+@dataclass(frozen=True)
+class MaxBatchPolicy:
+    """Everything pending up to ``limit`` frames, but no more than finish before the earliest deadline."""
+
+    limit: int
+
+    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int:
+        size = min(pending, self.limit)
+        if per_frame_s:
+            size = min(size, int(max(slack_s, 0.0) / per_frame_s))
+        return max(1, size)
+
+
+class CostModel:
+    """Exponentially weighted seconds per frame over recent batches."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.per_frame_s: float | None = None
+
+    def observe(self, frames: int, seconds: float) -> None:
+        sample = seconds / max(frames, 1)
+        old = self.per_frame_s
+        self.per_frame_s = sample if old is None else old + self.weight * (sample - old)
+
+    def batch_s(self, frames: int) -> float:
+        return (self.per_frame_s or 0.0) * frames
+
+
+class FrameScheduler:
+    """Earliest-deadline-first batching of live speech frames on one accelerator."""
+
+    def __init__(
+        self,
+        renderer: MouthRenderer,
+        run_on: RunOn,
+        render: RenderSettings,
+        clock: Clock,
+        *,
+        policy: BatchPolicy,
+        utilisation: float = 0.85,
+        retry_after_s: int = 2,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.renderer = renderer
+        self.render = render
+        self.clock = clock
+        self.policy = policy
+        self.cost = CostModel()
+        self.utilisation = utilisation
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self.batches = 0
+        self._run_on = run_on
+        self._heap: list[tuple[float, int, FrameRequest]] = []
+        self._order = itertools.count()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._booked: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="frame-scheduler")
+
+    async def close(self) -> None:
+        """Stop batching; requests still queued are cancelled."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for _, _, request in self._heap:
+            request.future.cancel()
+        self._heap.clear()
+
+    # -- requests ------------------------------------------------------------
+    def submit(self, requests: Iterable[FrameRequest]) -> None:
+        """Queue frame requests; each one's future gets its frame (or is cancelled)."""
+        for request in requests:
+            heapq.heappush(self._heap, (request.deadline, next(self._order), request))
+        self._idle.clear()
+        self._wake.set()
+        self._gauge()
+
+    def cancel(self, requests: Iterable[FrameRequest]) -> None:
+        """Drop requests that have not started; started ones finish but nobody waits for them."""
+        for request in requests:
+            request.future.cancel()
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for _, _, r in self._heap if not r.future.done())
+
+    async def drain(self) -> None:
+        """Wait until nothing is queued or running."""
+        await self._idle.wait()
+
+    async def condition(self, audio16k: np.ndarray, fps: int) -> Sequence[Any]:
+        """The renderer's per-frame conditioning of ``audio16k``, computed on the accelerator thread."""
+        return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps))
+
+    async def calibrate(self, avatar: Avatar, frames: int) -> None:
+        """Render one batch of silence to measure what a frame costs."""
+        cond = await self.condition(np.zeros(-(-frames * SAMPLE_RATE // avatar.fps), np.float32), avatar.fps)
+        jobs = [FrameJob(avatar, int(avatar.source_index(i)), cond[i]) for i in range(len(cond))]
+        t0 = time.perf_counter()
+        await asyncio.wrap_future(self._run_on(self._render_batch, jobs))
+        self.cost.observe(len(jobs), time.perf_counter() - t0)
+
+    # -- admission -----------------------------------------------------------
+    @property
+    def capacity_fps(self) -> float | None:
+        """Frames per second the device renders at the measured cost (None before any batch)."""
+        per_frame = self.cost.per_frame_s
+        return None if not per_frame else 1.0 / per_frame
+
+    @property
+    def booked_fps(self) -> float:
+        return sum(self._booked.values())
+
+    def overloaded(self, extra_fps: float = 0.0) -> bool:
+        """Whether booked speech plus ``extra_fps`` would exceed the share of capacity live speech may use."""
+        capacity = self.capacity_fps
+        return capacity is not None and self.booked_fps + extra_fps > self.utilisation * capacity
+
+    def book(self, key: str, fps: float) -> None:
+        """Reserve ``fps`` frames per second of speech for ``key``, or raise Overloaded."""
+        if key in self._booked:
+            return
+        if self.overloaded(fps):
+            raise Overloaded(
+                f"the renderer is at capacity ({self.booked_fps:g} of {self.capacity_fps or 0:.0f} frames/s booked)",
+                hint="retry shortly, when another session has finished speaking",
+                retry_after=self.retry_after_s,
+            )
+        self._booked[key] = fps
+        self._gauge()
+
+    def release(self, key: str) -> None:
+        if self._booked.pop(key, None) is not None:
+            self._gauge()
+
+    # -- the loop ------------------------------------------------------------
+    def _next_batch(self) -> list[FrameRequest]:
+        while self._heap and self._heap[0][2].future.done():
+            heapq.heappop(self._heap)  # cancelled
+        if not self._heap:
+            return []
+        slack = self._heap[0][0] - self.clock.now()
+        size = self.policy.batch_size(len(self._heap), self.cost.per_frame_s, slack)
+        batch: list[FrameRequest] = []
+        while self._heap and len(batch) < size:
+            request = heapq.heappop(self._heap)[2]
+            if not request.future.done():
+                request.started = True
+                batch.append(request)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self._next_batch():
+                self._gauge()
+                t0 = time.perf_counter()
+                try:
+                    frames = await asyncio.wrap_future(self._run_on(self._render_batch, [r.job for r in batch]))
+                except Exception as exc:
+                    log.exception("a live frame batch failed")
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                    continue
+                seconds = time.perf_counter() - t0
+                self.cost.observe(len(batch), seconds)
+                self.batches += 1
+                if self.metrics is not None:
+                    self.metrics.live_batch_seconds.observe(seconds)
+                for request, frame in zip(batch, frames):
+                    if not request.future.done():
+                        request.future.set_result(frame)
+            self._gauge()
+            if not self._heap:
+                self._idle.set()
+
+    def _render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray]:
+        faces = generate_faces(self.renderer, jobs)
+        return [composite_face(job.avatar, face, job.source, self.render) for job, face in zip(jobs, faces)]
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.live_queue_depth.set(self.pending)
+            self.metrics.live_speaking.set(len(self._booked))

@@ -1,0 +1,293 @@
+"""Benchmark live sessions → results/bench_live.json.
+
+For N live sessions (1, 2, 4, … until deadlines fail) each speaking recorded
+speech (espeak, synthesised once up front) with pauses, one reply in three cut off
+by an interrupt (a level stops the series when it misses deadlines or admission
+refuses speech with 503): per-session delivered fps, p50/p95 tick lateness, deadline-miss
+rate, utterance received → first speech frame sent, interrupt → first idle frame.
+Then 8 sessions with only one speaking at a time, a text message → first speech
+frame (TTS included), and whether idle sessions used the accelerator.
+
+    python -m scripts.bench_live                                  # CPU, lite renderer
+    python -m scripts.bench_live --renderer musetalk --device cuda  # official shapes, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musetalk_warm.config import Settings, apply_assignments, load_settings
+from musetalk_warm.errors import Overloaded
+from musetalk_warm.live.registry import LiveRegistry
+from musetalk_warm.live.session import LiveSession, SessionClosed
+from musetalk_warm.render.runtime import Runtime
+from musetalk_warm.sessions.store import SessionStore
+from musetalk_warm.voice.tts import load_tts
+
+SENTENCES = [
+    "Hello, and welcome back.",
+    "The weather today is mild, with a light breeze from the west.",
+    "I can repeat that if you like, slowly and clearly.",
+    "Our next appointment is on Tuesday at half past three in the afternoon.",
+    "Thank you for waiting.",
+]
+MAX_MISS_RATE = 0.01
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+class Watcher:
+    """Reads one session's frames and events, stamping when speech starts and idle returns."""
+
+    def __init__(self, session: LiveSession) -> None:
+        self.session = session
+        self.frames = 0
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.first_idle_after: list[tuple[float, float]] = []
+        self._interrupt_at: float | None = None
+        self._tasks = [asyncio.create_task(self._frames()), asyncio.create_task(self._events())]
+
+    async def _frames(self) -> None:
+        sub = self.session.subscribe()
+        try:
+            while True:
+                frame = await sub.get()
+                self.frames += 1
+                if self._interrupt_at is not None and not frame.speaking:
+                    self.first_idle_after.append((self._interrupt_at, time.perf_counter()))
+                    self._interrupt_at = None
+        except SessionClosed:
+            pass
+
+    async def _events(self) -> None:
+        feed = self.session.events()
+        try:
+            while True:
+                event = await feed.get()
+                if event["type"] == "utterance":
+                    stamp = self.started if event["event"] == "started" else self.ended
+                    stamp[event["utterance_id"]] = time.perf_counter()
+        except SessionClosed:
+            pass
+
+    def interrupt(self) -> None:
+        self._interrupt_at = time.perf_counter()
+        self.session.interrupt()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _speaker(watcher: Watcher, clips: list[tuple[np.ndarray, int]], until: float, rng: random.Random,
+                   first_frame: list[float], interrupts: list[float], refused: list[int]) -> None:
+    """Speak clips with pauses until ``until``; every third one is interrupted after a second."""
+    k = 0
+    while time.perf_counter() < until:
+        samples, rate = clips[k % len(clips)]
+        t0 = time.perf_counter()
+        try:
+            watcher.session.speak_audio(samples, rate)
+        except Overloaded as exc:  # admission said no: what a client sees as 503 + Retry-After
+            refused.append(exc.retry_after)
+            await asyncio.sleep(min(exc.retry_after, 1.0))
+            continue
+        # The utterance id is only known from its started event: the newest one after t0.
+        while not any(t >= t0 for t in watcher.started.values()):
+            await asyncio.sleep(0.005)
+            if time.perf_counter() > t0 + 10:
+                return
+        uid, started = max(watcher.started.items(), key=lambda kv: kv[1])
+        first_frame.append(started - t0)
+        if k % 3 == 2:
+            await asyncio.sleep(1.0)
+            watcher.interrupt()
+            while not watcher.first_idle_after:
+                await asyncio.sleep(0.005)
+            at, idle = watcher.first_idle_after.pop()
+            interrupts.append(idle - at)
+        else:
+            while uid not in watcher.ended:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(rng.uniform(0.3, 1.2))
+        k += 1
+
+
+async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: float,
+                    clips: list[tuple[np.ndarray, int]]) -> dict[str, Any]:
+    """``n`` live sessions, ``speakers`` of them speaking, for ``seconds``."""
+    sessions = [await registry.attach(f"bench{n}-{i}") for i in range(n)]
+    for s in sessions:
+        s._keep_lateness = True
+    watchers = [Watcher(s) for s in sessions]
+    await asyncio.sleep(0.5)
+    before = [(s.stats.ticks, s.stats.misses, s.stats.speech_frames, len(s.stats.lateness)) for s in sessions]
+    frames_before = [w.frames for w in watchers]
+    first_frame: list[float] = []
+    interrupts: list[float] = []
+    refused: list[int] = []
+    rng = random.Random(n)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(
+        _speaker(w, clips, t0 + seconds, rng, first_frame, interrupts, refused) for w in watchers[:speakers]
+    ))
+    elapsed = time.perf_counter() - t0
+    fps, misses, speech, lateness = [], 0, 0, []
+    for s, w, (ticks0, miss0, speech0, late0), f0 in zip(sessions, watchers, before, frames_before):
+        fps.append((w.frames - f0) / elapsed)
+        misses += s.stats.misses - miss0
+        speech += s.stats.speech_frames - speech0
+        lateness += s.stats.lateness[late0:]
+    for w in watchers:
+        await w.close()
+    for s in sessions:
+        await registry.stop(s.id)
+    planned = speech + misses
+    return {
+        "sessions": n,
+        "speaking": speakers,
+        "seconds": round(elapsed, 2),
+        "delivered_fps_min": round(min(fps), 2),
+        "delivered_fps_mean": round(float(np.mean(fps)), 2),
+        "lateness_p50_ms": _ms(lateness, 50),
+        "lateness_p95_ms": _ms(lateness, 95),
+        "speech_frames": planned,
+        "deadline_misses": misses,
+        "miss_rate": round(misses / planned, 4) if planned else 0.0,
+        "first_speech_frame_p50_ms": _ms(first_frame, 50),
+        "first_speech_frame_p95_ms": _ms(first_frame, 95),
+        "interrupt_to_idle_p50_ms": _ms(interrupts, 50),
+        "interrupt_to_idle_max_ms": round(max(interrupts) * 1000, 1) if interrupts else None,
+        "utterances": len(first_frame),
+        "refused_503": len(refused),
+    }
+
+
+async def text_to_first_frame(registry: LiveRegistry, rounds: int = 5) -> dict[str, Any]:
+    """A one-sentence text message → its first speech frame sent (TTS included)."""
+    session = await registry.attach("bench-text")
+    watcher = Watcher(session)
+    latencies = []
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        await session.say(SENTENCES[i % len(SENTENCES)])
+        while not any(t >= t0 for t in watcher.started.values()):
+            await asyncio.sleep(0.005)
+        latencies.append(max(watcher.started.values()) - t0)
+        while session.busy:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+    await watcher.close()
+    await registry.stop(session.id)
+    return {"p50_ms": _ms(latencies, 50), "max_ms": round(max(latencies) * 1000, 1), "rounds": rounds}
+
+
+async def idle_cost(registry: LiveRegistry, n: int = 8, seconds: float = 3.0) -> dict[str, Any]:
+    """Batches the scheduler ran while ``n`` sessions only idled (should be none)."""
+    sessions = [await registry.attach(f"bench-idle-{i}") for i in range(n)]
+    batches = registry.scheduler.batches
+    await asyncio.sleep(seconds)
+    used = registry.scheduler.batches - batches
+    for s in sessions:
+        await registry.stop(s.id)
+    return {"sessions": n, "seconds": seconds, "accelerator_batches": used}
+
+
+def build_runtime(args: argparse.Namespace, settings: Settings) -> Runtime:
+    if args.renderer == "lite":
+        return Runtime.load(settings)
+    import torch
+
+    from musetalk_warm.models.musetalk import resolve_device, resolve_dtype
+    from musetalk_warm.render.engine import MuseTalkRenderer
+    from scripts.bench_engine import build_models, synthetic_avatar
+
+    device = resolve_device(args.device)
+    models = build_models("official", device, resolve_dtype("auto", device))
+    width, height = (int(v) for v in args.size.split("x"))
+    with torch.inference_mode():
+        avatar = synthetic_avatar(models, width, height, 50)
+    return Runtime(settings, MuseTalkRenderer(models), models, {settings.avatar.avatar_id: avatar})
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="bench-live-"))
+    overrides: dict[str, Any] = {
+        "models": {"renderer": "lite" if args.renderer == "lite" else "musetalk", "device": args.device},
+        "avatar": {"cache_dir": str(root / "avatars"), "demo_seconds": 4.0,
+                   **({} if args.renderer == "lite" else {"avatar_id": "bench"})},
+        "server": {"sessions_dir": str(root / "sessions")},
+        "live": {"record": args.record, "max_sessions": 64, "idle_timeout_s": 0},
+    }
+    settings = load_settings(None, apply_assignments(overrides, args.set))
+    runtime = await asyncio.to_thread(build_runtime, args, settings)
+    tts = load_tts(settings.tts)
+    clips = [tts.synthesize(text) for text in SENTENCES]
+    registry = LiveRegistry(settings, runtime, tts, SessionStore(settings))
+    await registry.start()
+    levels = []
+    try:
+        for n in [int(v) for v in args.sessions.split(",")]:
+            level = await run_level(registry, n, n, args.seconds, clips)
+            levels.append(level)
+            print(json.dumps(level))
+            if (level["miss_rate"] > MAX_MISS_RATE or level["refused_503"]
+                    or level["delivered_fps_min"] < 0.95 * settings.avatar.fps):
+                break
+        one = await run_level(registry, 8, 1, args.seconds, clips)
+        print(json.dumps(one))
+        text = await text_to_first_frame(registry)
+        idle = await idle_cost(registry)
+    finally:
+        await registry.close()
+        runtime.close()
+    return {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "renderer": args.renderer,
+                    "load_average_1m": round(os.getloadavg()[0], 2),
+                    "device": runtime.device, "frame": list(runtime.avatar(None).frames.shape[1:3][::-1])},
+        "settings": settings.live.model_dump(),
+        "measured_frame_cost_ms": round((registry.scheduler.cost.per_frame_s or 0) * 1000, 3),
+        "all_speaking": levels,
+        "eight_sessions_one_speaking": one,
+        "text_to_first_speech_frame": text,
+        "idle": idle,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--renderer", choices=["lite", "musetalk"], default="lite",
+                        help="musetalk: MuseTalk v1.5's official shapes with random weights")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", default="1280x720", help="frame size of the synthetic avatar (musetalk)")
+    parser.add_argument("--sessions", default="1,2,4,8,16,32", help="session counts, in order, until one fails")
+    parser.add_argument("--seconds", type=float, default=12.0, help="seconds per level")
+    parser.add_argument("--record", action="store_true", help="also encode each utterance into the record")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", default="results/bench_live.json")
+    args = parser.parse_args(argv)
+    result = asyncio.run(bench(args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

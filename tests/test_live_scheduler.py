@@ -1,0 +1,190 @@
+"""The frame scheduler: mixed batches, each frame to its own session in order, deadline misses."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from live_support import Rig, build_avatar, drain_frames, live_test_settings, queued, until
+from musetalk_warm.avatars.cache import Avatar
+from musetalk_warm.config import Settings
+from musetalk_warm.live.scheduler import FrameRequest, MaxBatchPolicy
+from musetalk_warm.render.lite import LiteRenderer
+from musetalk_warm.render.blend import composite_face
+from musetalk_warm.render.mixed import FrameJob
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return live_test_settings(tmp_path_factory.mktemp("live-scheduler"), max_batch=6)
+
+
+@pytest.fixture(scope="module")
+def avatar(settings: Settings) -> Avatar:
+    return build_avatar(settings)
+
+
+class CountingRenderer(LiteRenderer):
+    """The lite renderer, remembering which sessions' frames (by openness value) each call held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
+        self.gate.wait()
+        self.calls.append(np.asarray(cond).copy())
+        return super().generate(avatar, cond, src_idx)
+
+
+def test_batches_mix_sessions_but_each_gets_its_own_frames_in_order(settings: Settings, avatar: Avatar) -> None:
+    renderer = CountingRenderer()
+    sessions = {"a": 0.3, "b": 0.9}  # each session's mouth openness: its frames are told apart by it
+
+    async def scenario() -> tuple[dict[str, list[tuple[int, np.ndarray]]], list[FrameRequest]]:
+        rig = Rig(settings, renderer)
+        loop = asyncio.get_running_loop()
+        renderer.gate.clear()  # hold the accelerator so both sessions' requests queue up
+        requests = []
+        for tick in range(9):
+            for name, openness in sessions.items():
+                source = int(avatar.source_index(tick))
+                requests.append(FrameRequest(name, tick, FrameJob(avatar, source, np.float32(openness)),
+                                             deadline=tick / 25, future=loop.create_future()))
+        rig.scheduler.submit(requests)
+        got: dict[str, list[tuple[int, np.ndarray]]] = {name: [] for name in sessions}
+        for request in requests:
+            request.future.add_done_callback(
+                lambda f, r=request: got[r.session_id].append((r.tick, f.result()))
+            )
+        renderer.gate.set()
+        await asyncio.gather(*(r.future for r in requests))
+        await rig.close()
+        return got, requests
+
+    got, requests = asyncio.run(scenario())
+    # One renderer call can hold both sessions' frames (mixed), and batches respect the policy size.
+    assert any({round(float(v), 2) for v in call} == {0.3, 0.9} for call in renderer.calls)
+    assert all(len(call) <= 6 for call in renderer.calls)
+    for name, openness in sessions.items():
+        ticks = [tick for tick, _ in got[name]]
+        assert ticks == sorted(ticks) == list(range(9))  # in order
+        for tick, frame in got[name]:
+            source = int(avatar.source_index(tick))
+            own = LiteRenderer().generate(avatar, np.array([openness], np.float32), np.array([source]))[0]
+            assert np.array_equal(frame, composite_face(avatar, own, source, settings.render))
+
+
+def test_earliest_deadline_first(settings: Settings, avatar: Avatar) -> None:
+    async def scenario() -> list[float]:
+        renderer = CountingRenderer()
+        rig = Rig(settings, renderer)
+        loop = asyncio.get_running_loop()
+        renderer.gate.clear()
+        deadlines = [0.5, 0.1, 0.4, 0.2, 0.3, 0.6, 0.05]
+        requests = [FrameRequest("s", i, FrameJob(avatar, 0, np.float32(d)), d, loop.create_future())
+                    for i, d in enumerate(deadlines)]
+        rig.scheduler.submit(requests)
+        renderer.gate.set()
+        await asyncio.gather(*(r.future for r in requests))
+        await rig.close()
+        return [float(v) for call in renderer.calls for v in call]
+
+    order = asyncio.run(scenario())
+    # The first batch may have started before the rest arrived; everything after is by deadline.
+    assert order[1:] == sorted(order[1:])
+
+
+def test_late_frames_are_counted_misses_and_replaced_by_idle(settings: Settings, avatar: Avatar) -> None:
+    renderer = CountingRenderer()
+
+    async def scenario() -> tuple[list, int, float]:
+        rig = Rig(settings, renderer)
+        session = rig.session("s", avatar)
+        sub = session.subscribe()
+        await session.say("Hello there, this frame will be late.")
+        await until(lambda: queued(session))
+        renderer.gate.clear()  # the accelerator stalls: nothing comes back in time
+        await rig.tick(30, drain=False)
+        frames = drain_frames(sub)
+        misses = session.stats.misses
+        renderer.gate.set()
+        counter = rig.metrics.live_misses._value.get()
+        await rig.close()
+        return frames, misses, counter
+
+    frames, misses, counter = asyncio.run(scenario())
+    late = [f for f in frames if f.speaking]
+    assert late and misses == len(late) == counter
+    assert [f.index for f in frames] == list(range(len(frames)))  # the clock did not wait
+    for f in late:  # the idle frame at the tick's cycle position stands in, with the speech audio
+        assert np.array_equal(f.image, avatar.frames[int(avatar.source_index(f.index))])
+    assert any(f.audio.any() for f in late)
+
+
+def test_admission_books_capacity_per_speaking_session(settings: Settings, avatar: Avatar) -> None:
+    from musetalk_warm.errors import Overloaded
+
+    async def scenario() -> None:
+        rig = Rig(settings)
+        scheduler = rig.scheduler
+        scheduler.cost.per_frame_s = 0.01  # measured: 100 frames/s, 85 of them bookable
+        scheduler.book("a", 25)
+        scheduler.book("b", 25)
+        scheduler.book("c", 25)
+        scheduler.book("a", 25)  # already speaking: no new demand
+        with pytest.raises(Overloaded) as info:
+            scheduler.book("d", 25)
+        assert info.value.status_code == 503 and info.value.retry_after == settings.live.retry_after_s
+        scheduler.release("b")
+        scheduler.book("d", 25)
+        await rig.close()
+
+    asyncio.run(scenario())
+
+
+def test_policy_is_the_one_place_batch_sizes_are_chosen() -> None:
+    policy = MaxBatchPolicy(8)
+    assert [policy.batch_size(n, None, 1.0) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
+    # A close deadline takes only what can be done by then (at least one frame).
+    assert [policy.batch_size(30, 0.01, slack) for slack in (-1.0, 0.005, 0.035, 1.0)] == [1, 1, 3, 8]
+
+
+def test_musetalk_batch_mixes_avatars_in_one_call(tmp_path: Path, tiny_models) -> None:
+    """Frames of two avatars share one UNet + VAE call and match per-avatar rendering."""
+    from dataclasses import replace
+    from functools import partial
+
+    import torch
+
+    from musetalk_warm.avatars.prep import load_or_prepare
+    from musetalk_warm.models.features import audio_prompts
+    from musetalk_warm.models.musetalk import encode_latents
+    from musetalk_warm.render.engine import MuseTalkRenderer
+    from musetalk_warm.render.mixed import generate_faces
+
+    settings = live_test_settings(tmp_path)
+    a = load_or_prepare(settings, encoder=partial(encode_latents, tiny_models), vae_id=tiny_models.vae_id,
+                        progress=False)
+    b = replace(a, avatar_id="other", latents=np.ascontiguousarray(a.latents[::-1]))
+    renderer = MuseTalkRenderer(tiny_models)
+    calls = []
+    unet = tiny_models.unet.forward
+    tiny_models.unet.forward = lambda *args, **kw: calls.append(1) or unet(*args, **kw)
+    try:
+        cond = audio_prompts(tiny_models, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 25)
+        jobs = [FrameJob(a, 0, cond[0]), FrameJob(b, 3, cond[1]), FrameJob(a, 5, cond[2])]
+        mixed = generate_faces(renderer, jobs)
+        assert len(calls) == 1
+        alone_a = renderer.generate(a, torch.stack([cond[0], cond[2]]), np.array([0, 5]))
+        alone_b = renderer.generate(b, cond[1:2], np.array([3]))
+    finally:
+        tiny_models.unet.forward = unet
+    for got, want in zip(mixed, [alone_a[0], alone_b[0], alone_a[1]]):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
