@@ -18,7 +18,7 @@ def live_settings(root: Path, **live: object) -> Settings:
     return Settings(
         models={"renderer": "lite"},
         avatar={"demo_seconds": 1.0, "cache_dir": root / "avatars"},
-        server={"sessions_dir": root / "sessions", "max_text_chars": 200},
+        server={"sessions_dir": root / "sessions", "max_text_chars": 200, "allowed_hosts": ["testserver"]},
         live={"idle_timeout_s": 0, **live},
     )
 

@@ -88,7 +88,11 @@ def test_health_docs_and_page(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "<video" in page.text
-    assert "play()" in client.get("/static/app.js").text
+    script = client.get("/static/app.js").text
+    assert "play()" in script
+    # The page logs in through the cookie route and never keeps the token.
+    assert '"/auth"' in script and 'id="token"' in page.text
+    assert "localStorage" not in script and "sessionStorage" not in script and "access_token" not in script
 
 
 def test_speak_texts_and_upload_build_one_session_video(
