@@ -93,7 +93,10 @@ def write_format2(avatar: Avatar, root: Path) -> Path:
     st_numpy.save_file({f"mask_{i:06d}": np.ascontiguousarray(m) for i, m in enumerate(avatar.masks)},
                        str(folder / "masks.safetensors"))
     manifest = {k: v for k, v in avatar.manifest.items() if k != "frames_codec"}
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2}))
+    manifest.update(format_version=2, avatar_id=avatar.avatar_id, fps=avatar.fps, num_frames=len(avatar),
+                    frame_size=[int(avatar.frames.shape[2]), int(avatar.frames.shape[1])],
+                    has_latents=avatar.latents is not None)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 
 
