@@ -127,10 +127,10 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     n = round(SECONDS * FPS)
     assert detector.calls == n and len(avatar) == n
     folder = cache / "demo"
-    names = {"frames.npy", "crops.npy", "arrays.safetensors", "masks.safetensors", "manifest.json"}
-    assert names <= {p.name for p in folder.iterdir()}
+    assert {p.name for p in folder.iterdir()} == {"frames.mkv", "arrays.safetensors", "manifest.json"}
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["avatar_id"] == "demo"
+    assert manifest["format_version"] == 3 and manifest["avatar_id"] == "demo"
+    assert manifest["frames_codec"] == {"codec": "libx264rgb", "crf": 4}
     assert (manifest["fps"], manifest["num_frames"], manifest["frame_size"]) == (FPS, n, [512, 512])
     assert manifest["source"]["kind"] == "demo" and len(manifest["source"]["sha256"]) == 64
     assert manifest["vae_id"] is None and manifest["has_latents"] is False
@@ -141,7 +141,9 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     assert params["stabilise"]["affine_enabled"] and params["stabilise"]["one_euro_center"]["min_cutoff"] == 1.5
 
     frames = demo_frames(SECONDS, FPS)
-    np.testing.assert_array_equal(avatar.frames, frames)
+    # Frames come back from the near-lossless codec: 50 dB, no pixel off by more than a few levels.
+    error = avatar.frames.astype(np.float32) - frames
+    assert 10 * np.log10(255**2 / np.mean(error**2)) >= 49.5 and np.abs(error).max() <= 16
     for i in (0, n - 1):
         x1, y1, x2, y2 = avatar.boxes[i]
         assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
@@ -149,7 +151,7 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
         assert y2 == int(lm[:, 1].max()) + 10 and x1 == int(lm[:, 0].min())  # chin + extra_margin
         # The crop is cut at the stabilised placement, a few pixels at most from the raw box.
         t = avatar.placements[i]
-        np.testing.assert_array_equal(avatar.crops[i], crop_face(frames[i], t))
+        np.testing.assert_array_equal(avatar.crops[i], crop_face(avatar.frames[i], t))
         assert np.abs(np.subtract(placed_box(t), avatar.boxes[i])).max() <= 8
         # The mask sits on the placed face box.
         assert tuple(avatar.crop_boxes[i]) == crop_box(placed_box(t))
@@ -164,15 +166,12 @@ def test_reload_equals_saved_and_is_fast(demo_cache: tuple[Path, CountingDetecto
     t0 = time.perf_counter()
     loaded = load_avatar("demo", cache)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 1.0
-    assert isinstance(loaded.frames, np.memmap) and not loaded.frames.flags.writeable
-    eager = load_avatar("demo", cache, mmap=False)
-    for a in (loaded, eager):
-        for name in ("frames", "boxes", "landmarks", "crops", "crop_boxes", "placements"):
-            np.testing.assert_array_equal(getattr(a, name), getattr(avatar, name))
-        assert len(a.masks) == len(avatar.masks)
-        assert all(np.array_equal(m, k) for m, k in zip(a.masks, avatar.masks))
-        assert a.manifest == avatar.manifest and a.fps == FPS
+    assert elapsed < 3.0  # 30 frames on 2 busy cores; the benchmark measures it properly
+    for name in ("frames", "boxes", "landmarks", "crops", "crop_boxes", "placements"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(avatar, name))
+    assert len(loaded.masks) == len(avatar.masks)
+    assert all(np.array_equal(m, k) for m, k in zip(loaded.masks, avatar.masks))
+    assert loaded.manifest == avatar.manifest and loaded.fps == FPS
 
 
 def test_second_run_is_a_no_op_and_force_redoes(demo_cache: tuple[Path, CountingDetector, Any]) -> None:
@@ -296,7 +295,7 @@ def test_unreadable_or_half_written_cache(demo_cache: tuple[Path, CountingDetect
     with pytest.raises(AvatarCacheError):
         load_avatar("demo", tmp_path)
     manifest.write_text(json.dumps(data))
-    (tmp_path / "demo" / "masks.safetensors").write_bytes(b"\x00" * 10)
+    (tmp_path / "demo" / "arrays.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(AvatarCacheError, match="damaged"):
         load_avatar("demo", tmp_path)
     manifest.unlink()  # a save interrupted before its manifest
@@ -373,7 +372,8 @@ def test_bisenet_masks_when_its_checkpoint_exists(tmp_path: Path) -> None:
     parser = FaceParser(tmp_path / "models", "cpu")
     for i in range(2):
         box = placed_box(avatar.placements[i])  # the mask follows the placed face
-        body = Image.fromarray(np.ascontiguousarray(avatar.frames[i][:, :, ::-1]))
+        # Prep parsed the frames it read, before they were coded into the cache.
+        body = Image.fromarray(np.ascontiguousarray(demo_frames(SECONDS, FPS)[i][:, :, ::-1]))
         segment = parser.segment(body.crop(tuple(int(v) for v in avatar.crop_boxes[i])), "jaw")
         mask, _ = blend_mask(avatar.frames.shape[1:], box, segment)
         np.testing.assert_array_equal(avatar.masks[i], mask)

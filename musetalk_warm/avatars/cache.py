@@ -1,24 +1,31 @@
 """The prepared avatar: frames, face boxes, placements, landmarks, latents and blend masks.
 
 `Avatar` is what the render engine consumes; `save_avatar` / `load_avatar`
-keep it under ``<cache_dir>/<avatar_id>/`` in safe formats (npy, safetensors,
-json manifest; never pickle).
+keep it under ``<cache_dir>/<avatar_id>/`` compactly and in safe formats
+(never pickle): ``frames.mkv`` (RGB H.264, near-lossless by default),
+``arrays.safetensors`` (boxes, landmarks, placements, latents and the blend
+masks as PNGs) and ``manifest.json``. Crops are cut again from the frames at
+load; they are cheap to rebuild and as large as a tenth of the frames.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
 from ..config import safe_name
-from ..errors import AvatarCacheError
+from ..errors import AvatarCacheError, MediaError
 from ..files import atomic_write_stream
+
+log = logging.getLogger(__name__)
 
 CROP_SIZE = 256
 
@@ -30,7 +37,7 @@ class Avatar:
     Attributes:
         avatar_id: cache folder name.
         fps: frame rate the frames were read at.
-        frames: ``[N,H,W,3]`` uint8 BGR source frames (may be a read-only memmap).
+        frames: ``[N,H,W,3]`` uint8 BGR source frames.
         boxes: ``[N,4]`` int32 raw face boxes ``x1,y1,x2,y2`` (upstream v1.5 rule,
             with ``extra_margin`` on y2), the input of stabilisation.
         landmarks: ``[N,68,2]`` float32 iBUG-68 points in frame coordinates.
@@ -74,46 +81,103 @@ class Avatar:
         return np.where(j < n, j, 2 * n - 1 - j)
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Format 2 (raw frames.npy / crops.npy, one safetensors entry per mask) is read
+# and migrated in place on first load.
+LEGACY_VERSIONS = (2,)
 MANIFEST = "manifest.json"
-_FRAMES = "frames.npy"
-_CROPS = "crops.npy"
+_FRAMES = "frames.mkv"
 _ARRAYS = "arrays.safetensors"
-_MASKS = "masks.safetensors"
-_PREP_HINT = "run `python -m scripts.force_prep --avatar-id {id}` (or `musetalk-warm prep --avatar-id {id}`)"
+_LEGACY_FILES = ("frames.npy", "crops.npy", "masks.safetensors")
+DEFAULT_FRAMES_CRF = 4
+_PREP_HINT = "run `musetalk-warm prep --avatar-id {id} --video-path FILE`"
+_DAMAGE = (OSError, EOFError, ValueError, KeyError, TypeError, SafetensorError, MediaError)
 
 
 def _hint(avatar_id: str) -> str:
     return _PREP_HINT.format(id=avatar_id)
 
 
-def _mask_key(index: int) -> str:
-    return f"mask_{index:06d}"
+def pack_masks(masks: tuple[np.ndarray, ...] | list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Masks as one buffer of PNGs plus ``[N+1]`` offsets (blurred masks compress ~20x losslessly)."""
+    blobs = []
+    for mask in masks:
+        ok, png = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
+        if not ok:
+            raise ValueError(f"cannot encode a {mask.shape} mask")
+        blobs.append(png.reshape(-1))
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    data = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+    return {"mask_png": data, "mask_offsets": offsets}
 
 
-def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
+def unpack_masks(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The masks :func:`pack_masks` stored."""
+    masks = []
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        mask = cv2.imdecode(data[int(start) : int(stop)], cv2.IMREAD_UNCHANGED)
+        if mask is None or mask.ndim != 2:
+            raise ValueError("a stored mask cannot be decoded")
+        masks.append(mask)
+    return tuple(masks)
+
+
+def cut_crops(frames: np.ndarray, placements: np.ndarray) -> np.ndarray:
+    """``[N,256,256,3]`` face crops cut from ``frames`` at their placements (cheap, so not stored)."""
+    from .stabilise import crop_face  # stabilise imports this module's CROP_SIZE
+
+    crops = np.empty((len(frames), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    for i, (frame, placement) in enumerate(zip(frames, placements)):
+        crops[i] = crop_face(frame, placement)
+    return crops
+
+
+def save_avatar(avatar: Avatar, cache_root: str | Path, *, frames_crf: int = DEFAULT_FRAMES_CRF) -> Path:
     """Write ``avatar`` under ``<cache_root>/<avatar_id>/`` and return that folder.
 
-    Each file is replaced atomically. The old manifest is removed first and the
-    new one written last, so an interrupted save leaves a cache that
+    Frames are stored as RGB H.264 at ``frames_crf`` (0 = lossless; always 0
+    for a one-frame photo avatar), masks as
+    PNGs, crops not at all (:func:`cut_crops` rebuilds them). Each file is
+    replaced atomically. The old manifest is removed first and the new one
+    written last, so an interrupted save leaves a cache that
     :func:`load_avatar` refuses instead of a mix of old and new files.
     """
+    from ..media.framepack import write_frames
+
+    if len(avatar) == 1:
+        frames_crf = 0  # a photo avatar is one frame: lossless costs little
     folder = Path(cache_root) / avatar.avatar_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
+    atomic_write_stream(folder / _FRAMES, lambda fh: write_frames(fh, avatar.frames, avatar.fps, frames_crf))
+    for name in _LEGACY_FILES:
+        (folder / name).unlink(missing_ok=True)
+    _write_arrays_and_manifest(folder, avatar, frames_crf)
+    return folder
+
+
+def save_latents(avatar: Avatar, cache_root: str | Path) -> None:
+    """Rewrite only the arrays and manifest of a saved avatar (new latents; frames untouched,
+    so they are not coded a second time)."""
+    folder = Path(cache_root) / avatar.avatar_id
+    (folder / MANIFEST).unlink(missing_ok=True)
+    _write_arrays_and_manifest(folder, avatar, int(avatar.manifest["frames_codec"]["crf"]))
+
+
+def _write_arrays_and_manifest(folder: Path, avatar: Avatar, frames_crf: int) -> None:
+    from ..media.framepack import CODEC
+
     arrays = {
         "boxes": np.ascontiguousarray(avatar.boxes, dtype=np.int32),
         "landmarks": np.ascontiguousarray(avatar.landmarks, dtype=np.float32),
         "crop_boxes": np.ascontiguousarray(avatar.crop_boxes, dtype=np.int32),
         "placements": np.ascontiguousarray(avatar.placements, dtype=np.float64),
+        **pack_masks(avatar.masks),
     }
     if avatar.latents is not None:
         arrays["latents"] = np.ascontiguousarray(avatar.latents, dtype=np.float32)
-    masks = {_mask_key(i): np.ascontiguousarray(m, dtype=np.uint8) for i, m in enumerate(avatar.masks)}
-    atomic_write_stream(folder / _FRAMES, lambda fh: np.save(fh, np.asarray(avatar.frames), allow_pickle=False))
-    atomic_write_stream(folder / _CROPS, lambda fh: np.save(fh, np.asarray(avatar.crops), allow_pickle=False))
     atomic_write_stream(folder / _ARRAYS, lambda fh: fh.write(st_numpy.save(arrays)))
-    atomic_write_stream(folder / _MASKS, lambda fh: fh.write(st_numpy.save(masks)))
     manifest = {
         **avatar.manifest,
         "format_version": FORMAT_VERSION,
@@ -122,80 +186,119 @@ def save_avatar(avatar: Avatar, cache_root: str | Path) -> Path:
         "num_frames": len(avatar),
         "frame_size": [int(avatar.frames.shape[2]), int(avatar.frames.shape[1])],
         "has_latents": avatar.latents is not None,
+        "frames_codec": {"codec": CODEC, "crf": frames_crf},
     }
     text = json.dumps(manifest, indent=2, sort_keys=True)
     atomic_write_stream(folder / MANIFEST, lambda fh: fh.write(text.encode()))
-    return folder
 
 
 def read_manifest(avatar_id: str, cache_root: str | Path) -> dict[str, Any] | None:
-    """The cache's manifest, or ``None`` when it is missing, unreadable or of another format."""
+    """The cache's manifest (this format or one :func:`load_avatar` migrates), or ``None``
+    when it is missing, unreadable or of an unknown format."""
     try:
         manifest = json.loads((Path(cache_root) / avatar_id / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in (FORMAT_VERSION, *LEGACY_VERSIONS):
         return None
     return manifest
 
 
-def load_avatar(avatar_id: str, cache_root: str | Path, *, mmap: bool = True) -> Avatar:
-    """Load a prepared avatar; with ``mmap`` the frames stay on disk (read-only memmap).
+def cache_bytes(avatar_id: str, cache_root: str | Path) -> int:
+    """Bytes the avatar's cache folder holds on disk."""
+    folder = Path(cache_root) / avatar_id
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
 
-    Raises :class:`AvatarCacheError` when the cache is missing, half-written,
-    unreadable or of another format version.
+
+def load_avatar(avatar_id: str, cache_root: str | Path, *, frames_crf: int = DEFAULT_FRAMES_CRF) -> Avatar:
+    """Load a prepared avatar, frames decoded into memory and crops cut from them.
+
+    A format-2 cache is migrated to this format first (frames stored at
+    ``frames_crf``). Raises :class:`AvatarCacheError` when the cache is
+    missing, half-written, unreadable or of an unknown format version.
     """
     try:
         safe_name(avatar_id, "avatar_id")
     except ValueError as exc:
         raise AvatarCacheError(str(exc)) from None
     folder = Path(cache_root) / avatar_id
-    path = folder / MANIFEST
-    if not path.is_file():
+    if not (folder / MANIFEST).is_file():
         raise AvatarCacheError(f"avatar {avatar_id!r} has not been prepared", hint=_hint(avatar_id))
     manifest = read_manifest(avatar_id, cache_root)
     if manifest is None:
         raise AvatarCacheError(
             f"the cache of avatar {avatar_id!r} is unreadable or of another format "
-            f"(this version reads format {FORMAT_VERSION})",
+            f"(this version reads format {FORMAT_VERSION} and migrates {', '.join(map(str, LEGACY_VERSIONS))})",
             hint=_hint(avatar_id) + " with --force",
         )
     try:
-        frames = np.load(folder / _FRAMES, mmap_mode="r" if mmap else None, allow_pickle=False)
-        crops = np.load(folder / _CROPS, allow_pickle=False)
-        arrays = st_numpy.load_file(str(folder / _ARRAYS))
-        stored = st_numpy.load_file(str(folder / _MASKS))
+        if manifest["format_version"] != FORMAT_VERSION:
+            return _migrate(folder, manifest, frames_crf)
+        from ..media.framepack import read_frames
+
         n = int(manifest["num_frames"])
-        masks = tuple(stored[_mask_key(i)] for i in range(n))
+        width, height = (int(v) for v in manifest["frame_size"])
+        arrays = st_numpy.load_file(str(folder / _ARRAYS))
+        frames = read_frames(folder / _FRAMES, n, height, width)
         avatar = Avatar(
             avatar_id=avatar_id,
             fps=int(manifest["fps"]),
             frames=frames,
             boxes=arrays["boxes"],
             landmarks=arrays["landmarks"],
-            crops=crops,
+            crops=cut_crops(frames, arrays["placements"]),
             latents=arrays.get("latents"),
-            masks=masks,
+            masks=unpack_masks(arrays["mask_png"], arrays["mask_offsets"]),
             crop_boxes=arrays["crop_boxes"],
             placements=arrays["placements"],
             manifest=manifest,
         )
-    except (OSError, EOFError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+    except _DAMAGE as exc:
         raise AvatarCacheError(
             f"the cache of avatar {avatar_id!r} is damaged ({type(exc).__name__})",
             hint=_hint(avatar_id) + " with --force",
         ) from exc
-    sizes = {len(frames), len(crops), len(avatar.boxes), len(avatar.landmarks), len(avatar.crop_boxes),
-             len(avatar.placements)}
+    _check_counts(avatar, n)
+    return avatar
+
+
+def _check_counts(avatar: Avatar, n: int) -> None:
+    sizes = {len(avatar.frames), len(avatar.crops), len(avatar.boxes), len(avatar.landmarks),
+             len(avatar.crop_boxes), len(avatar.placements), len(avatar.masks)}
     if avatar.latents is not None:
         sizes.add(len(avatar.latents))
     if sizes != {n} or avatar.placements.shape[1:] != (2, 3):
         raise AvatarCacheError(
-            f"the cache of avatar {avatar_id!r} is inconsistent (frame counts {sorted(sizes)}, "
+            f"the cache of avatar {avatar.avatar_id!r} is inconsistent (frame counts {sorted(sizes)}, "
             f"placements {avatar.placements.shape})",
-            hint=_hint(avatar_id) + " with --force",
+            hint=_hint(avatar.avatar_id) + " with --force",
         )
-    return avatar
+
+
+def _migrate(folder: Path, manifest: dict[str, Any], frames_crf: int) -> Avatar:
+    """Read a format-2 cache, rewrite it in this format and load the result."""
+    avatar_id, n = folder.name, int(manifest["num_frames"])
+    before = cache_bytes(avatar_id, folder.parent)
+    arrays = st_numpy.load_file(str(folder / _ARRAYS))
+    stored = st_numpy.load_file(str(folder / "masks.safetensors"))
+    old = Avatar(
+        avatar_id=avatar_id,
+        fps=int(manifest["fps"]),
+        frames=np.load(folder / "frames.npy", allow_pickle=False),
+        boxes=arrays["boxes"],
+        landmarks=arrays["landmarks"],
+        crops=np.load(folder / "crops.npy", mmap_mode="r", allow_pickle=False),
+        latents=arrays.get("latents"),
+        masks=tuple(stored[f"mask_{i:06d}"] for i in range(n)),
+        crop_boxes=arrays["crop_boxes"],
+        placements=arrays["placements"],
+        manifest={k: v for k, v in manifest.items() if k != "format_version"},
+    )
+    _check_counts(old, n)
+    save_avatar(old, folder.parent, frames_crf=frames_crf)
+    log.warning("avatar %s: cache migrated from format %s to %s (%.1f MB -> %.1f MB)", avatar_id,
+                manifest["format_version"], FORMAT_VERSION, before / 1e6, cache_bytes(avatar_id, folder.parent) / 1e6)
+    return load_avatar(avatar_id, folder.parent, frames_crf=frames_crf)
 
 
 def cache_is_current(

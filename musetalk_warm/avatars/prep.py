@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .cache import CROP_SIZE, MANIFEST, Avatar, cache_is_current, load_avatar, save_avatar
+from .cache import CROP_SIZE, MANIFEST, Avatar, cache_is_current, load_avatar, save_avatar, save_latents
 from ..config import Settings
 from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
 from ..errors import AvatarCacheError, BadInput, ConfigError, FaceNotFound, MediaError
@@ -365,15 +365,15 @@ def prepare_avatar(
     key = {"source_sha256": source.sha256, "params": params}
     if not force and cache_is_current(cfg.avatar_id, cfg.cache_dir, **key, vae_id=vae_id):
         log.info("avatar %s: cache is current, loaded", cfg.avatar_id)
-        return load_avatar(cfg.avatar_id, cfg.cache_dir)
+        return load_avatar(cfg.avatar_id, cfg.cache_dir, frames_crf=cfg.cache_crf)
     if not force and encoder is not None and cache_is_current(cfg.avatar_id, cfg.cache_dir, **key, vae_id=None):
-        cached = load_avatar(cfg.avatar_id, cfg.cache_dir, mmap=False)
+        cached = load_avatar(cfg.avatar_id, cfg.cache_dir, frames_crf=cfg.cache_crf)
         latents = encode_crops(encoder, cached.crops, settings.render.batch_size, progress)
-        manifest = {**cached.manifest, "vae_id": vae_id}
-        save_avatar(replace(cached, latents=latents, manifest=manifest), cfg.cache_dir)
+        updated = replace(cached, latents=latents, manifest={**cached.manifest, "vae_id": vae_id, "has_latents": True})
+        save_latents(updated, cfg.cache_dir)
         log.info("avatar %s: only the VAE changed, latents recomputed in %.1f s",
                  cfg.avatar_id, time.perf_counter() - started)
-        return load_avatar(cfg.avatar_id, cfg.cache_dir)
+        return updated
 
     frames = read_frames(source, settings)
     found, detector_name = _detect_all(frames, settings, source, detector, progress)
@@ -393,7 +393,7 @@ def prepare_avatar(
     }
     avatar = Avatar(cfg.avatar_id, cfg.fps, frames, boxes, landmarks, crops, latents,
                     tuple(masks), crop_boxes, placements, manifest)
-    save_avatar(avatar, cfg.cache_dir)
+    save_avatar(avatar, cfg.cache_dir, frames_crf=cfg.cache_crf)
     log.info("avatar %s: prepared %d frames from %s %s in %.1f s (masks: %s, latents: %s)",
              cfg.avatar_id, len(frames), source.kind, source.name, time.perf_counter() - started,
              mask_source, vae_id)

@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..media import encode as media
 from ..media.audio import resample
-from ..avatars.cache import Avatar, load_avatar
+from ..avatars.cache import Avatar
+from ..avatars.library import AvatarLibrary
 from ..config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
 from ..errors import AudioError, AvatarCacheError, ConfigError, NotFound
@@ -89,25 +89,26 @@ def latent_encoder(models: Models | None) -> tuple[Callable[[np.ndarray], np.nda
 class Runtime:
     """Models, renderer and avatars of one process."""
 
-    def __init__(self, settings: Settings, renderer: MouthRenderer, models: Models | None,
-                 avatars: dict[str, Avatar]) -> None:
+    def __init__(self, settings: Settings, renderer: MouthRenderer, models: Models | None) -> None:
         self.settings = settings
         self.renderer = renderer
         self.models = models
-        self.avatars = avatars
+        cfg = settings.avatar
+        self.library = AvatarLibrary(cfg.cache_dir, max_loaded=cfg.max_loaded, frames_crf=cfg.cache_crf,
+                                     check=self._check_avatar)
         self.engine = RenderEngine(renderer, settings.render)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
-        """Load the renderer once and every usable avatar cache under ``avatar.cache_dir``."""
+        """Load the renderer and the configured avatar once; other caches load on first use."""
         media.require_encoders(settings.media)  # fail at start-up, not on the first request
         renderer, models = build_renderer(settings)
-        runtime = cls(settings, renderer, models, {})
-        runtime.avatars[settings.avatar.avatar_id] = runtime._startup_avatar()
-        runtime._load_other_caches()
-        runtime.engine.warmup(runtime.avatars[settings.avatar.avatar_id])
+        runtime = cls(settings, renderer, models)
+        startup = runtime._startup_avatar()
+        runtime.library.add(startup, pin=True)
+        runtime.engine.warmup(startup)
         log.info("runtime ready: renderer=%s device=%s avatars=%s",
-                 renderer.name, runtime.device, sorted(runtime.avatars))
+                 renderer.name, runtime.device, runtime.avatar_ids)
         return runtime
 
     @property
@@ -120,7 +121,7 @@ class Runtime:
 
     @property
     def avatar_ids(self) -> list[str]:
-        return sorted(self.avatars)
+        return self.library.ids()
 
     def _startup_avatar(self) -> Avatar:
         """The configured avatar; built only for the demo or with ``avatar.preparation``."""
@@ -155,28 +156,15 @@ class Runtime:
             log.warning("avatar %s was prepared with other stabiliser settings; re-run prep to apply the "
                         "configured ones", avatar.avatar_id)
 
-    def _load_other_caches(self) -> None:
-        root = Path(self.settings.avatar.cache_dir)
-        if not root.is_dir():
-            return
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in self.avatars):
-            try:
-                avatar = load_avatar(folder.name, root)
-                self._check_avatar(avatar)
-            except Exception as exc:  # one bad cache must not keep the others (or the server) down
-                log.warning("skipping avatar cache %s: %s", folder.name, exc)
-                continue
-            self.avatars[folder.name] = avatar
-
     def avatar(self, avatar_id: str | None) -> Avatar:
-        """A loaded avatar (the configured one when ``avatar_id`` is None)."""
+        """A prepared avatar (the configured one when ``avatar_id`` is None), loaded on first use."""
         key = avatar_id or self.settings.avatar.avatar_id
         try:
-            return self.avatars[key]
-        except KeyError:
+            return self.library.get(key)
+        except NotFound:
             raise NotFound(
-                f"unknown avatar {key!r}; loaded avatars: {', '.join(self.avatar_ids)}",
-                hint="prepare it with `musetalk-warm prep --avatar-id ID --video-path FILE` and restart",
+                f"unknown avatar {key!r}; prepared avatars: {', '.join(self.avatar_ids)}",
+                hint="prepare it with `musetalk-warm prep --avatar-id ID --video-path FILE`",
             ) from None
 
     def render_clip(
@@ -199,7 +187,22 @@ class Runtime:
         when omitted). ``on_fragment(init_segment, fragment)`` is called for each
         media fragment as soon as it is encoded, while later frames still render.
         """
-        avatar = self.avatar(avatar_id)
+        key = self.avatar(avatar_id).avatar_id
+        with self.library.lease(key) as avatar:
+            return self._render_clip(avatar, audio16k, start_frame, out_audio=out_audio, prev_tail=prev_tail,
+                                     render=render, on_fragment=on_fragment)
+
+    def _render_clip(
+        self,
+        avatar: Avatar,
+        audio16k: np.ndarray,
+        start_frame: int,
+        *,
+        out_audio: np.ndarray | None,
+        prev_tail: np.ndarray | None,
+        render: RenderSettings | None,
+        on_fragment: Callable[[bytes, media.Fragment], None] | None,
+    ) -> RenderedClip:
         fps = avatar.fps
         if num_frames(len(audio16k), fps) < 1:
             raise AudioError(
