@@ -33,7 +33,7 @@ import numpy as np
 from safetensors import numpy as st_numpy
 
 from musetalk_warm.avatars.cache import MANIFEST, Avatar, cache_bytes, load_avatar
-from musetalk_warm.avatars.demo import demo_frames, demo_motion
+from musetalk_warm.avatars.demo import demo_motion
 from musetalk_warm.avatars.prep import describe_source, prepare_avatar, read_frames
 from musetalk_warm.config import load_settings
 from musetalk_warm.media.framepack import read_frames as decode_pack

@@ -280,7 +280,7 @@ def test_missing_cache_says_how_to_prepare(tmp_path: Path) -> None:
     with pytest.raises(AvatarCacheError) as err:
         load_avatar("bank_avatar_1", tmp_path)
     text = str(err.value)
-    assert "python -m scripts.force_prep --avatar-id bank_avatar_1" in text and str(tmp_path) not in text
+    assert "musetalk-warm prep --avatar-id bank_avatar_1" in text and str(tmp_path) not in text
 
 
 def test_unreadable_or_half_written_cache(demo_cache: tuple[Path, CountingDetector, Any], tmp_path: Path) -> None:
