@@ -58,16 +58,12 @@ def generate_faces(renderer: MouthRenderer, jobs: Sequence[FrameJob]) -> list[np
 
 
 def _musetalk_mixed(renderer: MuseTalkRenderer, jobs: Sequence[FrameJob]) -> np.ndarray:
-    import torch
-
-    from ..models.musetalk import decode_latents, unet_step
-
     for job in jobs:
         if job.avatar.latents is None:
             raise AvatarCacheError(f"avatar {job.avatar.avatar_id!r} was prepared without the VAE")
-    latents = torch.from_numpy(np.stack([job.avatar.latents[job.source] for job in jobs]))  # type: ignore[index]
-    prompts = stack_conditioning([job.cond for job in jobs])
-    return decode_latents(renderer.models, unet_step(renderer.models, latents, prompts))
+    # Latents and audio prompts are per frame, so one accelerator call (its buckets) serves every avatar.
+    latents = np.stack([job.avatar.latents[job.source] for job in jobs])  # type: ignore[index]
+    return renderer.accelerator.run(latents, stack_conditioning([job.cond for job in jobs]))
 
 
 def face_region(avatar: Avatar, source: int) -> tuple[slice, slice]:
