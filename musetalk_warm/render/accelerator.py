@@ -137,6 +137,8 @@ class Accelerator:
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
 
+    # Graph inputs are filled in place: inside inference mode whichever thread (and mode) captured them.
+    @torch.inference_mode()
     def _run_bucket(self, latents: torch.Tensor, prompts: torch.Tensor, n: int, bucket: int) -> torch.Tensor:
         if self.mode == "eager":
             if n < bucket:
