@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(render, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS)
     _add_settings_flags(demo, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS)
     _add_settings_flags(serve, _AVATAR_FLAGS, _RENDER_FLAGS, _TTS_FLAGS, _SERVER_FLAGS)
-    _add_settings_flags(score)
+    _add_settings_flags(score, {"--models-dir": _RENDER_FLAGS["--models-dir"]})
     return parser
 
 

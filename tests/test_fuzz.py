@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from test_server import lite_settings
 
 from musetalk_warm.server import create_app
@@ -22,6 +23,11 @@ from musetalk_warm.server import create_app
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 30
+# WHEP offers (application/sdp): SDP-looking text and arbitrary bytes.
+schemathesis.openapi.media_type(
+    "application/sdp",
+    st.sampled_from([b"", b"v=0\r\n", b"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"]) | st.binary(max_size=256),
+)
 # Absolute paths of this machine that an answer must never reveal.
 _PATHS = re.compile(r"(/tmp/|/work/|/home/|/usr/|/root/|site-packages|\\.py\b)")
 

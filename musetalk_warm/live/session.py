@@ -329,7 +329,10 @@ class LiveSession:
                 break
             tick, limit = self._next_plan_tick, self._tick + lead
             if tick <= self._tick:  # nothing left in flight: a new segment, blending in
-                tick = self._tick + self._start_lead(min(available, lead) + len(requests))
+                # Only the first few frames must be back by the first tick: the scheduler's
+                # deadline-bounded batches take the rest after them.
+                tick = self._tick + self._start_lead(min(available, self.settings.start_lead_frames + 1)
+                                                     + len(requests))
                 if not utt.ended:  # streamed audio is conditioned in hops: keep one hop in hand
                     tick += self.settings.pcm_hop_frames
                 limit = tick + lead
