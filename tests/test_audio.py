@@ -19,16 +19,17 @@ def tone(rate: int, seconds: float, freq: float = 440.0) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
 
 
-def encode_audio(fmt: str, codec: str, rate: int, channels: np.ndarray) -> bytes:
+def encode_audio(fmt: str, codec: str, rate: int, channels: np.ndarray, layout: str | None = None) -> bytes:
     """``channels`` ``[C,N]`` float32 encoded with PyAV into an in-memory file."""
     buf = io.BytesIO()
-    layout = "stereo" if len(channels) == 2 else "mono"
+    layout = layout or ("stereo" if len(channels) == 2 else "mono")
     with av.open(buf, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate, layout=layout)
         size = stream.codec_context.frame_size or 1024
         for start in range(0, channels.shape[1], size):
-            block = np.ascontiguousarray(channels[:, start : start + size])
-            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=layout)
+            # Packed: PyAV's planar frames are what crash at 8 channels.
+            block = np.ascontiguousarray(channels[:, start : start + size].T).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(block, format="flt", layout=layout)
             frame.sample_rate, frame.pts = rate, start
             for packet in stream.encode(frame):
                 container.mux(packet)

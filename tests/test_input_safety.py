@@ -13,33 +13,21 @@ import av
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_server import lite_settings, wait_ready
+from test_server import lite_settings, ready_client
 
 from musetalk_warm.errors import AudioError, TextError
 from musetalk_warm.media import isolate
 from musetalk_warm.media.audio import load_audio, load_audio_native
 from musetalk_warm.media.decode import decode_audio
-from musetalk_warm.server import create_app
 from musetalk_warm.voice.tts import EspeakTTS
+from test_audio import encode_audio
 
 RATE = 16000
 
 
 def encode(fmt: str, codec: str, channels: np.ndarray, layout: str, rate: int = RATE) -> bytes:
     """``channels`` ``[C,N]`` float32 in an in-memory file of ``fmt``."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
-        size = stream.codec_context.frame_size or 1024
-        for start in range(0, channels.shape[1], size):
-            # Packed: PyAV's planar frames are what crash at 8 channels.
-            block = np.ascontiguousarray(channels[:, start : start + size].T).reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(block, format="flt", layout=layout)
-            frame.sample_rate, frame.pts = rate, start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        container.mux(stream.encode(None))
-    return buf.getvalue()
+    return encode_audio(fmt, codec, rate, channels, layout)
 
 
 def wav_header(rate: int, channels: int, data_bytes: int, declared: int | None = None) -> bytes:
@@ -65,8 +53,7 @@ def tone(seconds: float, freq: float = 300.0, rate: int = RATE) -> np.ndarray:
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("safety")
-    with TestClient(create_app(lite_settings(root)), raise_server_exceptions=False) as c:
-        wait_ready(c)
+    with ready_client(lite_settings(root)) as c:
         yield c
 
 

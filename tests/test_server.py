@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,14 @@ def lite_settings(root: Path, tts: dict | None = None, **server: object) -> Sett
         server={"sessions_dir": root / "sessions", "max_upload_bytes": MAX_UPLOAD,
                 "max_text_chars": 200, "allowed_hosts": ["testserver"], **server},
     )
+
+
+@contextmanager
+def ready_client(settings: Settings) -> Iterator[TestClient]:
+    """A TestClient on an app built from ``settings``, once its models are loaded."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        wait_ready(c)
+        yield c
 
 
 def wait_ready(client: TestClient, timeout: float = 120.0) -> dict:

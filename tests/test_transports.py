@@ -15,14 +15,13 @@ from fastapi.testclient import TestClient
 from musetalk_warm.media.fmp4 import iter_boxes
 from musetalk_warm.server.app import create_app
 from test_live_api import live_settings
-from test_server import wait_ready
+from test_server import ready_client
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     root = tmp_path_factory.mktemp("transports")
-    with TestClient(create_app(live_settings(root)), raise_server_exceptions=False) as c:
-        wait_ready(c)
+    with ready_client(live_settings(root)) as c:
         yield c
 
 
