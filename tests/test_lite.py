@@ -87,9 +87,10 @@ def test_condition_has_one_value_per_video_frame(fps: int) -> None:
     for length in (0, 1, 533, 639, 640, 16000, 16001, 53920, 12345):
         audio = (0.1 * rng.standard_normal(length)).astype(np.float32)
         cond = renderer.condition(audio, fps)
-        assert cond.shape == (math.floor(length / SR * fps),) == (num_frames(length, fps),)
+        assert cond.shape == (math.floor(length / SR * fps), 3) == (num_frames(length, fps), 3)
         assert cond.dtype == np.float32
-        assert np.all((cond >= 0) & (cond <= 1))
+        assert np.all((cond[:, [0, 2]] >= 0) & (cond[:, [0, 2]] <= 1))
+        assert np.all(np.abs(cond[:, 1]) <= 1)
 
 
 def test_condition_refuses_multichannel_audio() -> None:
@@ -183,7 +184,7 @@ def test_hiss_opens_less_than_voiced_band_energy() -> None:
     rng = np.random.default_rng(2)
     hiss = _band_noise(rng, 4000, 7500, 1.0, -20)
     voiced = _band_noise(rng, 300, 3000, 1.0, -20)
-    cond = LiteRenderer().condition(np.concatenate([hiss, voiced]), FPS)
+    cond = LiteRenderer().condition(np.concatenate([hiss, voiced]), FPS)[:, 0]
     assert cond[5:FPS].mean() < 0.5 * cond[FPS + 5 :].mean()
 
 
@@ -191,7 +192,7 @@ def test_mouth_anticipates_onsets_and_releases_slowly() -> None:
     onset = int(1.02 * SR)  # frame 24's window ends at 1.005 s: silent; frame 25 hears the onset
     vowel = _band_noise(np.random.default_rng(3), 300, 3000, 0.5, -20)
     audio = np.concatenate([np.zeros(onset, np.float32), vowel, np.zeros(SR, np.float32)])
-    cond = LiteRenderer().condition(audio, FPS)
+    cond = LiteRenderer().condition(audio, FPS)[:, 0]
     assert cond[23] == 0 and 0 < cond[24] < cond[25]
     end = math.floor((onset + len(vowel)) / SR * FPS)
     tail = cond[end + 1 :]
