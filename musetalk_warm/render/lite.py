@@ -5,7 +5,8 @@ Used when MuseTalk's weights are absent. :meth:`LiteRenderer.condition` turns
 :mod:`.visemes`): the opening follows speech-band energy (normalised per clip,
 gated, smoothed with a fast attack and slower release and a one-frame
 anticipation); rounding and bilabial closure come from espeak-ng's phoneme
-timings when the audio was synthesised from text, else from the spectrum.
+timings when the audio was synthesised from text; without them rounding comes
+from the spectrum and the lips close only as the energy falls.
 :meth:`LiteRenderer.generate` shapes the mouth of each cached 256² face crop:
 the lower lip and jaw slide down under a smooth displacement field that is zero
 above the lip line, the revealed gap is painted as a soft-edged mouth cavity
@@ -28,7 +29,7 @@ from ..media.audio import num_frames
 from ..avatars.cache import Avatar
 from ..errors import AudioError
 from ..avatars.stabilise import invert
-from .visemes import SHAPE_CHANNELS, Timed, band_levels_db, shapes_from_phones, spectral_round_close
+from .visemes import SHAPE_CHANNELS, Timed, band_levels_db, shapes_from_phones, spectral_rounding
 
 
 # iBUG-68 indices (frame left to right).
@@ -134,8 +135,8 @@ class LiteRenderer:
             openness = shape[:, 0] * np.sqrt(openness)
             rounding, close = shape[:, 1], shape[:, 2]
         else:
-            rounding, close = spectral_round_close(levels[:, 1:], voiced)
-            rounding = np.where(openness > 0, rounding, 0.0)
+            rounding = np.where(openness > 0, spectral_rounding(levels[:, 1:], voiced), 0.0)
+            close = np.zeros(n)
         close = np.maximum(close, p.anticipation * np.append(close[1:], 0.0))
         rounding = self._attack_release(rounding, fps, p.round_s, p.round_s)
         out = np.stack([openness * (1.0 - close), rounding, close], axis=1)

@@ -85,22 +85,17 @@ def _ramp(x: np.ndarray, at0: float, at1: float) -> np.ndarray:
     return np.clip((x - at0) / (at1 - at0), 0.0, 1.0)
 
 
-def spectral_round_close(levels: np.ndarray, voiced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rounding and closure from ``[T,3]`` levels of the low (80–400 Hz), F1 (400–1200 Hz)
+def spectral_rounding(levels: np.ndarray, voiced: np.ndarray) -> np.ndarray:
+    """Lip rounding from ``[T,3]`` levels of the low (80–400 Hz), F1 (400–1200 Hz)
     and F2 (1500–3500 Hz) bands, for frames flagged ``voiced``.
 
-    A high second formant (energy above 1.5 kHz near the F1 band's) spreads the
-    lips, a low one rounds them; a nasal murmur (strong low band, weak F2 band)
-    or a brief dip of the speech level between voiced frames closes them.
+    A strong second formant (energy above 1.5 kHz near the F1 band's) spreads
+    the lips; low first and second formants together (energy under 400 Hz, little
+    above 1.5 kHz: "oo", "w") round them, while open vowels (strong F1) stay
+    neutral. Closure is left to phoneme timings: the spectrum cannot tell m from
+    n, and closing on every nasal or level dip decouples the mouth from the
+    speech energy.
     """
     low, mid, high = levels[:, 0], levels[:, 1], levels[:, 2]
-    rounding = np.where(voiced, 1.0 - 2.0 * _ramp(high - mid, 0.0, 10.0), 0.0)
-    nasal = _ramp(low - high, 12.0, 17.0)
-    speech = np.pad(np.maximum(low, mid), 2, mode="edge")
-    neighbours = np.minimum(np.maximum(speech[:-4], speech[1:-3]), np.maximum(speech[3:-1], speech[4:]))
-    dip = _ramp(neighbours - speech[2:-2], 8.0, 16.0)
-    # Voice within two frames on both sides: a stop inside a word, not a pause.
-    v = np.pad(voiced, 2)
-    inner = (v[:-4] | v[1:-3]) & (v[3:-1] | v[4:])
-    close = np.maximum(np.where(voiced, nasal, 0.0), np.where(inner | voiced, dip, 0.0))
-    return rounding.astype(np.float32), close.astype(np.float32)
+    rounded = _ramp(low - mid, 2.0, 7.0) * (1.0 - _ramp(high - mid, 2.0, 10.0))
+    return np.where(voiced, rounded - _ramp(high - mid, 5.0, 12.0), 0.0).astype(np.float32)
