@@ -68,7 +68,7 @@ class LiteParams:
         round_narrow, spread_widen: lip-width change at full rounding / spreading.
         round_s: time constant of the lip-rounding smoother.
         shape_bands: low, first-formant and second-formant bands (Hz) of the
-            spectral rounding and closure cues.
+            spectral rounding cue.
     """
 
     window_s: float = 0.05
@@ -228,8 +228,10 @@ class LiteRenderer:
             out[b, top:] = cv2.remap(
                 faces[b], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
             )
-        # The chin sits well below the lips, so the gap there is drop * lens.
+        # The chin sits well below the lips, so the gap there is drop * lens;
+        # the cavity follows the lips' width warp (at the lip line, rows = 1).
         gap = drop * lens * (1.0 - close)[:, None, None]
+        line, gap = (_resample_columns(v, xs + 0.5 + scale[:, None] * geo.dx * geo.width) for v in (line, gap))
         rows, cols = _mouth_window(geo, gap, top, size)
         line, gap = line[..., cols], gap[..., cols]
         ys = ys[:, rows.start - top : rows.stop - top]
@@ -240,10 +242,17 @@ class LiteRenderer:
         return out
 
 
+def _resample_columns(profile: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``[B,1,W]`` column profiles read at positions ``at`` (``[B,W]``, pixel-centre coordinates)."""
+    centres = np.arange(profile.shape[-1], dtype=np.float32) + 0.5
+    return np.stack([np.interp(a, centres, v[0]) for v, a in zip(profile, at)])[:, None, :].astype(np.float32)
+
+
 def _mouth_window(geo: _MouthGeometry, gap: np.ndarray, top: int, size: int) -> tuple[slice, slice]:
     """Rows and columns of the batch's crops that a mouth cavity can cover."""
-    left = geo.centre - geo.half_width
-    right = geo.centre + geo.half_width
+    # Spread lips reach past the inner corners.
+    left = geo.centre - 1.2 * geo.half_width
+    right = geo.centre + 1.2 * geo.half_width
     bottom = float((geo.line[:, None, :] + gap).max())
     cols = slice(max(0, int(left.min()) - 2), min(size, int(math.ceil(right.max())) + 2))
     rows = slice(top, min(size, int(math.ceil(bottom)) + 3))
