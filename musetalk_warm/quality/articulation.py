@@ -8,7 +8,7 @@ its span (the nearest frame when it is shorter than one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
