@@ -42,6 +42,21 @@ def test_demo_with_text_and_prep_is_a_noop_the_second_time(
     assert manifest.stat().st_mtime_ns == stamp  # unchanged source and settings: nothing rebuilt
 
 
+def test_score_runs_on_a_rendered_demo_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole score path on a real clip: decode, face tracking, mel, SyncNet (random weights)."""
+    out = tmp_path / "demo.mp4"
+    assert main(["demo", "--text", "Bob moved the blue boots.", "--out", str(out), *_common(tmp_path)]) == 0
+    frames = json.loads(capsys.readouterr().out)["frames"]
+    assert main(["score", str(out), "--syncnet", "tiny", "--vshift", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["syncnet"].startswith("tiny") and report["frames"] == frames >= 40
+    sync = report["sync"]
+    assert len(sync["distances"]) == 11 and abs(sync["av_offset"]) <= 5 and sync["windows"] > 0
+    assert sync["lse_d"] == pytest.approx(min(sync["distances"]), abs=1e-3)
+    mouth = report["mouth"]
+    assert mouth["frames_with_face"] == frames and mouth["opening_speech_mean"] > 0
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -8,12 +8,18 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+import soxr
 
 from musetalk_warm.avatars.cache import CROP_SIZE, Avatar
 from musetalk_warm.errors import AudioError
 from musetalk_warm.media.audio import num_frames
 from musetalk_warm.avatars.landmarks import detect_landmarks
+from musetalk_warm.quality.articulation import CLOSED, articulation, mouth_width
+from musetalk_warm.quality.clip import track_faces
+from musetalk_warm.quality.mouth import mouth_opening
 from musetalk_warm.render.lite import LiteRenderer, crop_landmarks
+from musetalk_warm.render.visemes import phone_shape, shapes_from_phones
+from musetalk_warm.voice.phonemes import Phone, speak_with_phones
 from musetalk_warm.avatars.stabilise import box_transform, boxes_center_size
 
 SR = 16000
@@ -87,9 +93,10 @@ def test_condition_has_one_value_per_video_frame(fps: int) -> None:
     for length in (0, 1, 533, 639, 640, 16000, 16001, 53920, 12345):
         audio = (0.1 * rng.standard_normal(length)).astype(np.float32)
         cond = renderer.condition(audio, fps)
-        assert cond.shape == (math.floor(length / SR * fps),) == (num_frames(length, fps),)
+        assert cond.shape == (math.floor(length / SR * fps), 3) == (num_frames(length, fps), 3)
         assert cond.dtype == np.float32
-        assert np.all((cond >= 0) & (cond <= 1))
+        assert np.all((cond[:, [0, 2]] >= 0) & (cond[:, [0, 2]] <= 1))
+        assert np.all(np.abs(cond[:, 1]) <= 1)
 
 
 def test_condition_refuses_multichannel_audio() -> None:
@@ -183,7 +190,7 @@ def test_hiss_opens_less_than_voiced_band_energy() -> None:
     rng = np.random.default_rng(2)
     hiss = _band_noise(rng, 4000, 7500, 1.0, -20)
     voiced = _band_noise(rng, 300, 3000, 1.0, -20)
-    cond = LiteRenderer().condition(np.concatenate([hiss, voiced]), FPS)
+    cond = LiteRenderer().condition(np.concatenate([hiss, voiced]), FPS)[:, 0]
     assert cond[5:FPS].mean() < 0.5 * cond[FPS + 5 :].mean()
 
 
@@ -191,9 +198,56 @@ def test_mouth_anticipates_onsets_and_releases_slowly() -> None:
     onset = int(1.02 * SR)  # frame 24's window ends at 1.005 s: silent; frame 25 hears the onset
     vowel = _band_noise(np.random.default_rng(3), 300, 3000, 0.5, -20)
     audio = np.concatenate([np.zeros(onset, np.float32), vowel, np.zeros(SR, np.float32)])
-    cond = LiteRenderer().condition(audio, FPS)
+    cond = LiteRenderer().condition(audio, FPS)[:, 0]
     assert cond[23] == 0 and 0 < cond[24] < cond[25]
     end = math.floor((onset + len(vowel)) / SR * FPS)
     tail = cond[end + 1 :]
     assert tail[0] > 0.1 and np.all(np.diff(tail) <= 0)  # closes over a few frames, not at once
     assert np.all(tail[8:] == 0)
+
+
+def test_espeak_reports_phonemes_that_tile_its_audio() -> None:
+    audio, rate, phones = speak_with_phones("Bob moved the blue boots.")
+    assert audio.dtype == np.float32 and rate > 8000 and np.abs(audio).max() > 0.05
+    symbols = [p.symbol for p in phones]
+    assert symbols[:3] == ["b", "0", "b"] and "u:" in symbols
+    assert all(a.end == b.start for a, b in zip(phones, phones[1:]))
+    assert phones[-1].end == pytest.approx(len(audio) / rate)
+    # The vowel of "Bob" is loud, the closure before its second b is not.
+    vowel, stop = phones[1], phones[2]
+    rms = [np.sqrt(np.mean(audio[int(p.start * rate) : int(p.end * rate)] ** 2)) for p in (vowel, stop)]
+    assert rms[0] > 3 * rms[1]
+
+
+def test_a_bilabial_shorter_than_a_frame_still_gets_a_closed_frame() -> None:
+    phones = [Phone("a", 0.0, 0.21), Phone("p", 0.21, 0.225), Phone("a", 0.225, 0.5)]
+    shapes = shapes_from_phones(phones, FPS, 12)
+    assert shapes[:, 2].max() == 1.0 and np.flatnonzero(shapes[:, 2] == 1.0).size == 1
+    assert phone_shape("m") == (0.0, 0.0, 1.0) and phone_shape("_:") == (0.0, 0.0, 0.0)
+    assert phone_shape("u:")[1] == 1.0 and phone_shape("i:")[1] == -1.0
+
+
+def test_mouth_shapes_measured_by_landmarks(avatar: Avatar) -> None:
+    """Open, closed, rounded and spread shapes as mediapipe sees them on the rendered crops."""
+    shapes = np.array([[0, 0, 0], [1, 0, 0], [0, 0, 1], [0.4, 1, 0], [0.4, -1, 0]], np.float32)
+    faces = LiteRenderer().generate(avatar, shapes, np.zeros(len(shapes), np.int64))
+    lm = track_faces(faces)
+    opening, width = mouth_opening(lm), mouth_width(lm)
+    print("opening", opening.round(4), "width", width.round(4))
+    assert opening[1] > opening[0] + 0.02  # jaw drop
+    assert opening[2] < CLOSED  # lips pressed together
+    assert width[3] < width[0] - 0.03 and width[4] > width[0] + 0.02  # rounded narrower, spread wider
+
+
+def test_lite_articulates_espeak_speech(avatar: Avatar) -> None:
+    """On espeak sentences, landmarks on the output against the phoneme timings."""
+    audio, rate, phones = speak_with_phones("Bob moved the blue boots. We keep the peace. My mom bought a map.")
+    audio = soxr.resample(audio, rate, SR).astype(np.float32)
+    renderer = LiteRenderer()
+    for hint in (phones, None):
+        found = articulation(track_faces(_generate(renderer, avatar, renderer.condition(audio, FPS, hint))), phones, FPS)
+        print("phonemes" if hint else "spectral", found)
+        assert found["rounded_vowels"] >= 4 and found["spread_vowels"] >= 4 and found["bilabials"] >= 8
+        assert found["rounded_narrower"] >= 0.8 and found["spread_wider"] >= 0.8
+        if hint is not None:
+            assert found["bilabial_closed"] >= 0.8

@@ -1,27 +1,35 @@
-"""The weightless ``lite`` mouth renderer: speech energy → jaw-drop warp.
+"""The weightless ``lite`` mouth renderer: visemes → jaw, lip-width and closure warps.
 
 Used when MuseTalk's weights are absent. :meth:`LiteRenderer.condition` turns
-16 kHz audio into a per-frame mouth openness in ``[0, 1]`` (speech-band energy,
-normalised per clip, gated, smoothed with a fast attack and slower release and
-a one-frame anticipation); :meth:`LiteRenderer.generate` opens the mouth of each
-cached 256² face crop by that amount: the lower lip and jaw slide down under a
-smooth displacement field that is zero above the lip line, and the revealed gap
-is painted as a soft-edged mouth cavity with a hint of upper teeth. Openness 0
-returns the source crop unchanged, so silence keeps the avatar's own mouth.
+16 kHz audio into a per-frame mouth shape ``(open, round, close)`` (see
+:mod:`.visemes`): the opening follows speech-band energy (normalised per clip,
+gated, smoothed with a fast attack and slower release and a one-frame
+anticipation); rounding and bilabial closure come from espeak-ng's phoneme
+timings when the audio was synthesised from text; without them rounding comes
+from the spectrum and the lips close only as the energy falls.
+:meth:`LiteRenderer.generate` shapes the mouth of each cached 256² face crop:
+the lower lip and jaw slide down under a smooth displacement field that is zero
+above the lip line, the revealed gap is painted as a soft-edged mouth cavity
+with a hint of upper teeth, closure lifts the lower lip onto the upper one, and
+rounding narrows (spreading widens) the lips around the mouth centre. Shape
+``(0, 0, 0)`` returns the source crop unchanged, so silence keeps the avatar's
+own mouth.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from ..media.audio import SAMPLE_RATE, num_frames
+from ..media.audio import num_frames
 from ..avatars.cache import Avatar
 from ..errors import AudioError
 from ..avatars.stabilise import invert
+from .visemes import SHAPE_CHANNELS, Timed, band_levels_db, shapes_from_phones, spectral_rounding
 
 
 # iBUG-68 indices (frame left to right).
@@ -31,6 +39,7 @@ _OUTER_LIP = list(range(48, 60))
 _CHIN = 8
 _LOWER_LIP_BOTTOM = 57
 _JAW_LEFT, _JAW_RIGHT = 4, 12
+_NOSE_BOTTOM, _UPPER_LIP_TOP = 33, 51
 # BGR: the mouth interior is a dark, redder tone of the lips; teeth off-white.
 _INTERIOR_TINT = np.array([0.85, 0.85, 1.15], dtype=np.float32)
 _ENAMEL = np.array([200.0, 210.0, 220.0], dtype=np.float32)
@@ -56,6 +65,10 @@ class LiteParams:
         teeth: strength of the upper-teeth hint in a mouth that was closed.
         split: where an already-parted mouth opens further, from the upper (0)
             to the lower (1) inner lip; upper teeth sit above it.
+        round_narrow, spread_widen: lip-width change at full rounding / spreading.
+        round_s: time constant of the lip-rounding smoother.
+        shape_bands: low, first-formant and second-formant bands (Hz) of the
+            spectral rounding cue.
     """
 
     window_s: float = 0.05
@@ -72,6 +85,10 @@ class LiteParams:
     chin_follow: float = 0.6
     teeth: float = 0.75
     split: float = 0.7
+    round_narrow: float = 0.22
+    spread_widen: float = 0.1
+    round_s: float = 0.04
+    shape_bands: tuple[tuple[float, float], ...] = ((80.0, 400.0), (400.0, 1200.0), (1500.0, 3500.0))
 
 
 def _smoothstep(edge0: np.ndarray | float, edge1: np.ndarray | float, x: np.ndarray) -> np.ndarray:
@@ -88,10 +105,13 @@ class LiteRenderer:
         self.params = params or LiteParams()
 
     # ------------------------------------------------------------------ audio
-    def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
-        """Per-frame mouth openness in ``[0, 1]`` for 16 kHz mono float32 audio.
+    def condition(self, audio: np.ndarray, fps: int, phones: Sequence[Timed] | None = None) -> np.ndarray:
+        """Per-frame mouth shape ``(open, round, close)`` for 16 kHz mono float32 audio.
 
-        Returns ``float32 [floor(len(audio)/16000*fps)]``; silent frames are exactly 0.
+        ``phones``: the phonemes spoken in ``audio`` with their spans in seconds
+        (from :func:`~musetalk_warm.voice.phonemes.speak_with_phones`); without
+        them the shape comes from the spectrum. Returns ``float32
+        [floor(len(audio)/16000*fps), 3]``; silent frames are exactly 0.
         """
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
@@ -100,32 +120,28 @@ class LiteRenderer:
             raise ValueError(f"fps must be positive, got {fps}")
         n = num_frames(audio.size, fps)
         if n == 0:
-            return np.zeros(0, dtype=np.float32)
-        level = self._band_level_db(audio, fps, n)
-        target = self._normalise(level)
+            return np.zeros((0, SHAPE_CHANNELS), dtype=np.float32)
         p = self.params
+        levels = band_levels_db(audio, fps, n, p.window_s, (p.band_hz, *p.shape_bands))
+        target = self._normalise(levels[:, 0])
+        voiced = target > 0
         # Articulation leads the sound: show part of the next frame's opening now.
         ahead = np.append(target[1:], 0.0)
         target = np.maximum(target, p.anticipation * ahead)
-        openness = self._attack_release(target, fps)
+        openness = self._attack_release(target, fps, p.attack_s, p.release_s)
         openness[openness < p.rest] = 0.0
-        return openness.astype(np.float32)
-
-    def _band_level_db(self, audio: np.ndarray, fps: int, n: int) -> np.ndarray:
-        """Speech-band RMS level (dBFS) of a Hann window centred on each frame."""
-        p = self.params
-        width = int(round(p.window_s * SAMPLE_RATE))
-        half = width // 2
-        centres = np.round((np.arange(n) + 0.5) / fps * SAMPLE_RATE).astype(np.int64)
-        padded = np.pad(audio.astype(np.float64), (half, width))
-        windows = padded[centres[:, None] + np.arange(width)[None, :]]
-        hann = np.hanning(width)
-        power = np.abs(np.fft.rfft(windows * hann, axis=1)) ** 2
-        freqs = np.fft.rfftfreq(width, 1.0 / SAMPLE_RATE)
-        band = (freqs >= p.band_hz[0]) & (freqs <= p.band_hz[1])
-        # Parseval: one-sided band power over the window's energy = mean square.
-        mean_square = 2.0 * power[:, band].sum(axis=1) / (width * np.sum(hann**2))
-        return 10.0 * np.log10(mean_square + 1e-20)
+        if phones is not None:
+            shape = shapes_from_phones(phones, fps, n)
+            openness = shape[:, 0] * np.sqrt(openness)
+            rounding, close = shape[:, 1], shape[:, 2]
+        else:
+            rounding = np.where(openness > 0, spectral_rounding(levels[:, 1:], voiced), 0.0)
+            close = np.zeros(n)
+        close = np.maximum(close, p.anticipation * np.append(close[1:], 0.0))
+        rounding = self._attack_release(rounding, fps, p.round_s, p.round_s)
+        out = np.stack([openness * (1.0 - close), rounding, close], axis=1)
+        out[(out[:, 0] == 0) & (out[:, 2] == 0), 1] = 0.0  # at rest: exactly the source mouth
+        return out.astype(np.float32)
 
     def _normalise(self, level: np.ndarray) -> np.ndarray:
         """Clip-relative level → ``[0, 1]``: loud speech opens fully, the gate keeps noise shut."""
@@ -138,11 +154,12 @@ class LiteRenderer:
         high = max(ref, low + p.min_span_db)
         return np.clip((level - low) / (high - low), 0.0, 1.0)
 
-    def _attack_release(self, target: np.ndarray, fps: int) -> np.ndarray:
-        p = self.params
-        attack = 1.0 - math.exp(-1.0 / (fps * p.attack_s))
-        release = 1.0 - math.exp(-1.0 / (fps * p.release_s))
-        out = np.empty_like(target)
+    @staticmethod
+    def _attack_release(target: np.ndarray, fps: int, attack_s: float, release_s: float) -> np.ndarray:
+        """One-pole smoother, rising with ``attack_s`` and falling with ``release_s``."""
+        attack = 1.0 - math.exp(-1.0 / (fps * attack_s))
+        release = 1.0 - math.exp(-1.0 / (fps * release_s))
+        out = np.empty(len(target), dtype=np.float64)
         state = 0.0
         for i, value in enumerate(target):
             state += (attack if value > state else release) * (value - state)
@@ -151,24 +168,31 @@ class LiteRenderer:
 
     # ------------------------------------------------------------------ video
     def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
-        """``[B,256,256,3]`` uint8 BGR: ``avatar.crops[src_idx[b]]`` with the mouth opened by ``cond[b]``."""
-        cond = np.asarray(cond, dtype=np.float32).reshape(-1)
+        """``[B,256,256,3]`` uint8 BGR: ``avatar.crops[src_idx[b]]`` shaped by ``cond[b]``.
+
+        ``cond``: ``[B,3]`` shapes ``(open, round, close)``, or ``[B]`` openness alone.
+        """
+        cond = np.asarray(cond, dtype=np.float32)
+        if cond.ndim == 1:
+            cond = np.pad(cond[:, None], ((0, 0), (0, SHAPE_CHANNELS - 1)))
         src_idx = np.asarray(src_idx, dtype=np.int64).reshape(-1)
-        if cond.shape != src_idx.shape:
-            raise ValueError(f"{cond.size} openness values for {src_idx.size} source frames")
+        if cond.shape != (src_idx.size, SHAPE_CHANNELS):
+            raise ValueError(f"{cond.shape} mouth shapes for {src_idx.size} source frames")
         faces = np.array(avatar.crops[src_idx], dtype=np.uint8)
-        moving = np.flatnonzero(cond > 0)
+        moving = np.flatnonzero(np.any(cond != 0, axis=1))
         if moving.size:
             landmarks = crop_landmarks(avatar, src_idx[moving])
-            faces[moving] = self._open_mouths(faces[moving], landmarks, np.clip(cond[moving], 0.0, 1.0))
+            shape = np.clip(cond[moving], (0.0, -1.0, 0.0), (1.0, 1.0, 1.0)).astype(np.float32)
+            faces[moving] = self._shape_mouths(faces[moving], landmarks, shape)
         return faces
 
-    def _open_mouths(self, faces: np.ndarray, lm: np.ndarray, openness: np.ndarray) -> np.ndarray:
+    def _shape_mouths(self, faces: np.ndarray, lm: np.ndarray, shape: np.ndarray) -> np.ndarray:
         """Warp and paint a batch of crops (``lm``: ``[B,68,2]`` crop coordinates)."""
         p = self.params
         size = faces.shape[1]
+        openness, rounding, close = shape[:, 0], shape[:, 1], shape[:, 2]
         geo = _MouthGeometry.build(lm, size, p)
-        top = int(max(0, math.floor(geo.upper.min())))
+        top = int(max(0, math.floor(lm[:, _NOSE_BOTTOM, 1].min())))
         ys = np.arange(top, size, dtype=np.float32)[None, :, None] + 0.5
         drop = (openness * p.jaw_drop * geo.lip_to_chin)[:, None, None]
         line, lens, jaw = geo.line[:, None, :], geo.lens[:, None, :], geo.jaw[:, None, :]
@@ -185,16 +209,29 @@ class LiteRenderer:
         follow = 1.0 - (1.0 - p.chin_follow) * _smoothstep(line, chin, ys)
         fade = 1.0 - _smoothstep(chin, float(size), ys)
         shift = np.maximum(lip, drop * jaw * below) * follow * fade
+        # Closure: rows from the upper inner lip down sample from one lip gap
+        # lower (a pixel more, so the lips meet), easing out towards the chin.
+        gap = np.maximum(geo.lower - geo.upper, 0.0)[:, None, :] + geo.lens[:, None, :]
+        lifted = _smoothstep(geo.upper[:, None, :] - 1.0, geo.upper[:, None, :] + 0.5, ys)
+        lifted = lifted * (1.0 - _smoothstep(geo.lip_bottom[:, None, None], chin, ys))
+        shift = (1.0 - close)[:, None, None] * shift - close[:, None, None] * gap * lifted
+        # Width: columns around the mouth sample further out (rounded, narrower) or further in.
+        scale = np.where(rounding > 0, p.round_narrow, p.spread_widen) * rounding
+        rows = _smoothstep(lm[:, _NOSE_BOTTOM, 1][:, None, None], lm[:, _UPPER_LIP_TOP, 1][:, None, None], ys)
+        rows = rows * (1.0 - _smoothstep(geo.lip_bottom[:, None, None], chin, ys))
         xs = np.arange(size, dtype=np.float32)
+        widen = scale[:, None, None] * geo.dx[:, None, :] * geo.width[:, None, :] * rows
         out = faces.copy()
         for b in range(faces.shape[0]):
-            map_y = ys[0] - 0.5 - shift[b]
-            map_x = np.broadcast_to(xs, map_y.shape)
+            map_y = (ys[0] - 0.5 - shift[b]).astype(np.float32)
+            map_x = (xs[None, :] + widen[b]).astype(np.float32)
             out[b, top:] = cv2.remap(
                 faces[b], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
             )
-        # The chin sits well below the lips, so the gap there is drop * lens.
-        gap = drop * lens
+        # The chin sits well below the lips, so the gap there is drop * lens;
+        # the cavity follows the lips' width warp (at the lip line, rows = 1).
+        gap = drop * lens * (1.0 - close)[:, None, None]
+        line, gap = (_resample_columns(v, xs + 0.5 + scale[:, None] * geo.dx * geo.width) for v in (line, gap))
         rows, cols = _mouth_window(geo, gap, top, size)
         line, gap = line[..., cols], gap[..., cols]
         ys = ys[:, rows.start - top : rows.stop - top]
@@ -205,10 +242,17 @@ class LiteRenderer:
         return out
 
 
+def _resample_columns(profile: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``[B,1,W]`` column profiles read at positions ``at`` (``[B,W]``, pixel-centre coordinates)."""
+    centres = np.arange(profile.shape[-1], dtype=np.float32) + 0.5
+    return np.stack([np.interp(a, centres, v[0]) for v, a in zip(profile, at)])[:, None, :].astype(np.float32)
+
+
 def _mouth_window(geo: _MouthGeometry, gap: np.ndarray, top: int, size: int) -> tuple[slice, slice]:
     """Rows and columns of the batch's crops that a mouth cavity can cover."""
-    left = geo.centre - geo.half_width
-    right = geo.centre + geo.half_width
+    # Spread lips reach past the inner corners.
+    left = geo.centre - 1.2 * geo.half_width
+    right = geo.centre + 1.2 * geo.half_width
     bottom = float((geo.line[:, None, :] + gap).max())
     cols = slice(max(0, int(left.min()) - 2), min(size, int(math.ceil(right.max())) + 2))
     rows = slice(top, min(size, int(math.ceil(bottom)) + 3))
@@ -235,6 +279,10 @@ class _MouthGeometry:
     """Per-face column profiles (``[B,W]``) and scalars (``[B]``) that shape the warp."""
 
     upper: np.ndarray  # upper inner-lip edge per column
+    lower: np.ndarray  # lower inner-lip edge per column
+    dx: np.ndarray  # column offset from the mouth centre
+    width: np.ndarray  # lip-width warp weight: 1 across the lips, 0 at the jaw sides
+    lip_bottom: np.ndarray
     line: np.ndarray  # where the lips part, between the inner-lip edges
     lens: np.ndarray  # lip-gap shape: 1 at the mouth centre, 0 at the inner corners
     jaw: np.ndarray  # jaw weight: 1 under the mouth, 0 at the jaw sides
@@ -265,7 +313,10 @@ class _MouthGeometry:
         ramp = thickness[:, None] + np.maximum(np.abs(dx) - outer[:, None], 0.0)
         chin = lm[:, _CHIN, 1]
         lip_to_chin = np.maximum(chin - centre_line, 1.0)
-        return cls(upper, line, lens, jaw, ramp, chin, lip_to_chin, half, centre)
+        # Eases out by the jaw sides (>= outer + 2 px): x + k*dx*width stays monotonic for k <= 0.22.
+        width = 1.0 - _smoothstep(0.9 * outer[:, None], side, np.abs(dx))
+        return cls(upper, lower, dx, width, lm[:, _LOWER_LIP_BOTTOM, 1], line, lens, jaw, ramp, chin,
+                   lip_to_chin, half, centre)
 
 
 def _lip_curve(xs: np.ndarray, points: np.ndarray) -> np.ndarray:
