@@ -35,7 +35,8 @@ SAMPLER = """
   const canvas = document.createElement("canvas");
   const sample = () => {
     const video = document.getElementById("video");
-    if (!video || !video.videoWidth || !window.__mouth) return;
+    // HAVE_CURRENT_DATA: the element holds a decoded picture (before that it shows none).
+    if (!video || !video.videoWidth || video.readyState < 2 || !window.__mouth) return;
     const w = video.videoWidth, h = video.videoHeight;
     if (canvas.width !== w) { canvas.width = w; canvas.height = h; }
     const ctx = canvas.getContext("2d", { willReadFrequently: true });
