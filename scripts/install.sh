@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs musetalk-warm into ./.venv: system tools (ffmpeg, espeak-ng) via apt-get
-# when they are missing, then the package with its test extras. Safe to re-run.
+# Installs musetalk-warm into ./.venv: system tools (ffmpeg, espeak-ng, and chromium for
+# the browser test) via apt-get when they are missing, then the package with its test
+# extras. Safe to re-run.
 # APT_LOCK_WAIT (seconds, default 300): how long to wait for another apt/dpkg to finish.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,7 @@ apt_retry() {
 need=()
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
