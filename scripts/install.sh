@@ -34,7 +34,7 @@ if [ ${#need[@]} -gt 0 ]; then
     step "updating the apt package lists"
     apt_retry "${apt[@]}" update -q
     step "installing system packages: ${need[*]}"
-    apt_retry "${apt[@]}" install -y -q --no-install-recommends "${need[@]}"
+    apt_retry "${apt[@]}" install -y -q "${need[@]}"
   else
     echo "please install: ${need[*]} (no apt-get on this machine)" >&2
     exit 1
