@@ -40,7 +40,7 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 else
-  step "ffmpeg and espeak-ng are installed"
+  step "ffmpeg, espeak-ng and chromium are installed"
 fi
 
 python=${PYTHON:-python3}
