@@ -24,6 +24,7 @@ from musetalk_warm.config import Settings
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.server import create_app
 from musetalk_warm.server.routes import jobs
+from musetalk_warm.voice import llm as llm_client
 from musetalk_warm.server.schemas import JobStatus
 
 FPS = 25
@@ -343,7 +344,7 @@ def test_chat_jobs_speak_in_arrival_order_with_llm(client: TestClient, monkeypat
 
     real_client = httpx.AsyncClient
     monkeypatch.setattr(
-        jobs.httpx, "AsyncClient", lambda **kw: real_client(transport=httpx.MockTransport(llm), **kw)
+        llm_client.httpx, "AsyncClient", lambda **kw: real_client(transport=httpx.MockTransport(llm), **kw)
     )
     client.post("/reset", json={"session_id": "ordered"})
     ids = [client.post("/chat", json={"text": t, "session_id": "ordered"}).json()["job_id"]

@@ -213,7 +213,7 @@ def composite_face(avatar: Avatar, face: np.ndarray, source: int, settings: Rend
     A frame in which prep found no face (its box is a neighbour's) comes back untouched:
     a mouth there would be drawn on the background.
     """
-    if source in avatar.manifest.get("faceless_frames", ()):
+    if source in faceless_frames(avatar):
         return np.array(avatar.frames[source])
     return composite(
         avatar.frames[source],

@@ -1,4 +1,4 @@
-"""Streamed replies from an OpenAI-compatible chat endpoint (``stream: true``, server-sent events)."""
+"""Replies from an OpenAI-compatible chat endpoint: whole, or streamed (server-sent events)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .tts import openai_endpoint
 
 SYSTEM_PROMPT = "You are a friendly talking avatar. Answer in one to three short sentences."
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+_WHOLE_TIMEOUT_S = 60.0
 
 
 class ReplyError(MuseTalkWarmError):
@@ -22,6 +23,33 @@ class ReplyError(MuseTalkWarmError):
     code = "llm_error"
 
 
+def _request(server: ServerSettings, prompt: str, *, stream: bool) -> tuple[str, dict[str, str], dict[str, object]]:
+    """Endpoint, headers and body of a chat completion for ``prompt``."""
+    assert server.llm_url
+    headers = {"Authorization": f"Bearer {server.llm_api_key}"} if server.llm_api_key else {}
+    body: dict[str, object] = {
+        "model": server.llm_model,
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+    }
+    if stream:
+        body["stream"] = True
+    return openai_endpoint(server.llm_url, "chat/completions"), headers, body
+
+
+async def reply(server: ServerSettings, prompt: str) -> str:
+    """The whole reply to ``prompt``; the prompt itself without an LLM."""
+    if not server.llm_url:
+        return prompt
+    endpoint, headers, body = _request(server, prompt, stream=False)
+    try:
+        async with httpx.AsyncClient(timeout=_WHOLE_TIMEOUT_S, headers=headers) as client:
+            response = await client.post(endpoint, json=body)
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["message"]["content"]).strip()
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ReplyError(f"the LLM endpoint failed ({type(exc).__name__})") from exc
+
+
 async def stream_reply(
     server: ServerSettings, prompt: str, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> AsyncIterator[str]:
@@ -29,13 +57,7 @@ async def stream_reply(
     if not server.llm_url:
         yield prompt
         return
-    headers = {"Authorization": f"Bearer {server.llm_api_key}"} if server.llm_api_key else {}
-    body = {
-        "model": server.llm_model,
-        "stream": True,
-        "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
-    }
-    endpoint = openai_endpoint(server.llm_url, "chat/completions")
+    endpoint, headers, body = _request(server, prompt, stream=True)
     try:
         async with httpx.AsyncClient(timeout=_TIMEOUT, headers=headers, transport=transport) as client:
             async with client.stream("POST", endpoint, json=body) as response:

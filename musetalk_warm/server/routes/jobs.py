@@ -12,12 +12,11 @@ import logging
 import uuid
 from typing import Any
 
-import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ...errors import MuseTalkWarmError, NotFound
-from ...voice.tts import openai_endpoint
+from ...voice.llm import reply
 from ..bodies import json_body, openapi_json_body
 from ..deps import AuthDep, WarmDep
 from ..schemas import ChatRequest, ErrorResponse, JobStatus
@@ -30,37 +29,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 # Finished jobs beyond this many are forgotten, oldest first (unfinished ones never).
 _MAX_JOBS = 1000
 _FINISHED = ("done", "error")
-_LLM_TIMEOUT_S = 60.0
-
-
-class ReplyError(MuseTalkWarmError):
-    """The configured LLM endpoint failed to answer."""
-
-    status_code = 502
-    code = "llm_error"
-
-
-async def _reply(warm: Warm, prompt: str) -> str:
-    """The LLM's answer via an OpenAI-compatible chat endpoint, or an echo when none is configured."""
-    server = warm.settings.server
-    if not server.llm_url:
-        return prompt
-    endpoint = openai_endpoint(server.llm_url, "chat/completions")
-    headers = {"Authorization": f"Bearer {server.llm_api_key}"} if server.llm_api_key else {}
-    body = {
-        "model": server.llm_model,
-        "messages": [
-            {"role": "system", "content": "You are a friendly talking avatar. Answer in one to three short sentences."},
-            {"role": "user", "content": prompt},
-        ],
-    }
-    try:
-        async with httpx.AsyncClient(timeout=_LLM_TIMEOUT_S, headers=headers) as client:
-            response = await client.post(endpoint, json=body)
-        response.raise_for_status()
-        return str(response.json()["choices"][0]["message"]["content"]).strip()
-    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise ReplyError(f"the LLM endpoint failed ({type(exc).__name__})") from exc
 
 
 async def _run(
@@ -86,7 +54,7 @@ async def _work(
         job.status = "running"
 
     try:
-        job.reply = await _reply(warm, job.prompt)
+        job.reply = await reply(warm.settings.server, job.prompt)
         if previous is not None:
             # Speak after the session's previous job, however that one ended (wait() never raises it).
             await asyncio.wait([previous])

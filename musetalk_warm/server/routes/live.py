@@ -179,7 +179,7 @@ async def events(websocket: WebSocket, session_id: str) -> None:
     if session is None:
         return
     feed = session.events()
-    closed = asyncio.create_task(_wait_disconnect(websocket))
+    closed = asyncio.create_task(wait_disconnect(websocket))
     try:
         while True:
             getter = asyncio.create_task(feed.get())
@@ -199,6 +199,7 @@ async def events(websocket: WebSocket, session_id: str) -> None:
         feed.close()
 
 
-async def _wait_disconnect(websocket: WebSocket) -> None:
+async def wait_disconnect(websocket: WebSocket) -> None:
+    """Return once the client closes ``websocket`` (whatever it sends meanwhile is dropped)."""
     while (await websocket.receive())["type"] != "websocket.disconnect":
         pass

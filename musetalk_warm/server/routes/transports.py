@@ -18,7 +18,7 @@ from ...live.transports.webrtc import WebRTCPeers
 from ...sessions.store import check_session_id
 from ..deps import AuthDep, WarmDep
 from ..schemas import ErrorResponse
-from .live import registry, ws_session
+from .live import registry, wait_disconnect, ws_session
 
 log = logging.getLogger(__name__)
 MAX_SDP_BYTES = 64 * 1024
@@ -97,7 +97,7 @@ async def mse(websocket: WebSocket, session_id: str) -> None:
     live = websocket.app.state.warm.settings.live
     subscription = session.subscribe()
     encoder = LiveFmp4(session.width, session.height, session.fps, session.audio_rate, live.mse_fragment_frames)
-    gone = asyncio.create_task(_wait_disconnect(websocket))
+    gone = asyncio.create_task(wait_disconnect(websocket))
     try:
         while not gone.done():
             getter = asyncio.ensure_future(subscription.get())
@@ -121,8 +121,3 @@ async def mse(websocket: WebSocket, session_id: str) -> None:
         gone.cancel()
         subscription.close()
         await anyio.to_thread.run_sync(encoder.close)
-
-
-async def _wait_disconnect(websocket: WebSocket) -> None:
-    while (await websocket.receive())["type"] != "websocket.disconnect":
-        pass
