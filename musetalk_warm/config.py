@@ -221,7 +221,7 @@ class LiveSettings(_Section):
     # Speech frames requested ahead of the clock while speaking, and the fewest ticks
     # between an utterance's arrival and its first frame (more when batches are slow).
     lead_frames: int = Field(12, ge=2, le=250)
-    start_lead_frames: int = Field(3, ge=1, le=250)
+    start_lead_frames: int = Field(1, ge=1, le=250)
     blend_frames: int = Field(4, ge=1, le=25)
     max_batch: int = Field(16, ge=1, le=256)
     # Share of the measured frame capacity that speaking sessions may book.

@@ -34,7 +34,8 @@ import numpy as np
 from musetalk_warm.config import Settings, apply_assignments, load_settings
 from musetalk_warm.errors import Overloaded
 from musetalk_warm.live.registry import LiveRegistry
-from musetalk_warm.live.session import LiveSession, SessionClosed
+from musetalk_warm.live.session import LiveFrame, LiveSession, SessionClosed
+from musetalk_warm.live.transports.mse import LiveFmp4
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.sessions.store import SessionStore
 from musetalk_warm.voice.tts import load_tts
@@ -49,6 +50,12 @@ SENTENCES = [
 MAX_MISS_RATE = 0.01
 
 
+def _held(level: dict[str, Any], settings: Settings) -> bool:
+    """Whether every session of a level held real time: few misses, no 503, full frame rate."""
+    return (level["miss_rate"] <= MAX_MISS_RATE and not level["refused_503"]
+            and level["delivered_fps_min"] >= 0.95 * settings.avatar.fps)
+
+
 def _ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
@@ -56,9 +63,13 @@ def _ms(values: list[float], q: float) -> float | None:
 class Watcher:
     """Reads one session's frames and events, stamping when speech starts and idle returns."""
 
-    def __init__(self, session: LiveSession) -> None:
+    def __init__(self, session: LiveSession, encode: bool = False) -> None:
         self.session = session
         self.frames = 0
+        self.encode_s = 0.0
+        # As an MSE viewer: every frame H.264 + AAC encoded into fMP4, off the event loop.
+        self._encoder = (LiveFmp4(session.width, session.height, session.fps, session.audio_rate)
+                         if encode else None)
         self.started: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.first_idle_after: list[tuple[float, float]] = []
@@ -70,6 +81,10 @@ class Watcher:
         try:
             while True:
                 frame = await sub.get()
+                if self._encoder is not None:
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(self._encoder.add, frame)
+                    self.encode_s += time.perf_counter() - t0
                 self.frames += 1
                 if self._interrupt_at is not None and not frame.speaking:
                     self.first_idle_after.append((self._interrupt_at, time.perf_counter()))
@@ -96,11 +111,18 @@ class Watcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._encoder is not None:
+            self._encoder.close()
 
 
 async def _speaker(watcher: Watcher, clips: list[tuple[np.ndarray, int]], until: float, rng: random.Random,
-                   first_frame: list[float], interrupts: list[float], refused: list[int]) -> None:
-    """Speak clips with pauses until ``until``; every third one is interrupted after a second."""
+                   first_frame: list[float], interrupts: list[float], refused: list[int],
+                   duty: float | None) -> None:
+    """Speak clips with pauses until ``until``; every third one is interrupted after a second.
+
+    Pauses last 0.3–1.2 s, or, with ``duty``, long enough that the session speaks that
+    share of the time.
+    """
     k = 0
     while time.perf_counter() < until:
         samples, rate = clips[k % len(clips)]
@@ -128,17 +150,20 @@ async def _speaker(watcher: Watcher, clips: list[tuple[np.ndarray, int]], until:
         else:
             while uid not in watcher.ended:
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(rng.uniform(0.3, 1.2))
+        spoken = len(samples) / rate
+        pause = spoken * (1 - duty) / duty if duty else 0.75
+        await asyncio.sleep(rng.uniform(0.4, 1.6) * pause)
         k += 1
 
 
 async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: float,
-                    clips: list[tuple[np.ndarray, int]]) -> dict[str, Any]:
+                    clips: list[tuple[np.ndarray, int]], *, encode: bool = False,
+                    duty: float | None = None) -> dict[str, Any]:
     """``n`` live sessions, ``speakers`` of them speaking, for ``seconds``."""
     sessions = [await registry.attach(f"bench{n}-{i}") for i in range(n)]
     for s in sessions:
         s._keep_lateness = True
-    watchers = [Watcher(s) for s in sessions]
+    watchers = [Watcher(s, encode) for s in sessions]
     await asyncio.sleep(0.5)
     before = [(s.stats.ticks, s.stats.misses, s.stats.speech_frames, len(s.stats.lateness)) for s in sessions]
     frames_before = [w.frames for w in watchers]
@@ -146,11 +171,17 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
     interrupts: list[float] = []
     refused: list[int] = []
     rng = random.Random(n)
+    scheduler = registry.scheduler
+    batches0, frames0 = scheduler.batches, scheduler.batched_frames
+    encode0 = [w.encode_s for w in watchers]
     t0 = time.perf_counter()
     await asyncio.gather(*(
-        _speaker(w, clips, t0 + seconds, rng, first_frame, interrupts, refused) for w in watchers[:speakers]
+        _speaker(w, clips, t0 + seconds, rng, first_frame, interrupts, refused, duty)
+        for w in watchers[:speakers]
     ))
     elapsed = time.perf_counter() - t0
+    batches = scheduler.batches - batches0
+    encoded = sum(w.frames for w in watchers) - sum(frames_before)
     fps, misses, speech, lateness = [], 0, 0, []
     for s, w, (ticks0, miss0, speech0, late0), f0 in zip(sessions, watchers, before, frames_before):
         fps.append((w.frames - f0) / elapsed)
@@ -179,6 +210,9 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
         "interrupt_to_idle_max_ms": round(max(interrupts) * 1000, 1) if interrupts else None,
         "utterances": len(first_frame),
         "refused_503": len(refused),
+        "mean_batch": round((scheduler.batched_frames - frames0) / batches, 1) if batches else None,
+        **({"encode_ms_per_frame": round(1000 * sum(w.encode_s - e for w, e in zip(watchers, encode0))
+                                         / max(encoded, 1), 2)} if encode else {}),
     }
 
 
@@ -210,6 +244,73 @@ async def idle_cost(registry: LiveRegistry, n: int = 8, seconds: float = 3.0) ->
     for s in sessions:
         await registry.stop(s.id)
     return {"sessions": n, "seconds": seconds, "accelerator_batches": used}
+
+
+def _timed(fn: Any, sync: Any, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` (after one warm call), ``sync()`` closing each timing."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def stage_profile(runtime: Runtime, batches: list[int]) -> list[dict[str, Any]]:
+    """Milliseconds per frame of each stage of a live batch, at each batch size: audio features,
+    faces (UNet + VAE decode, or the lite warps), paste-back, device → host copy, and one
+    viewer's encode (H.264 + AAC fMP4, one thread)."""
+    import torch
+
+    from musetalk_warm.models.features import audio_prompts
+    from musetalk_warm.render.blend import composite_face
+    from musetalk_warm.render.mixed import FrameJob, generate_faces, stack_conditioning
+
+    renderer, settings, avatar = runtime.renderer, runtime.settings.render, runtime.avatar(None)
+    fps = avatar.fps
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    cuda = runtime.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    compositor = getattr(renderer, "compositor", None)
+    features_s = _timed(lambda: renderer.condition(audio, fps), sync) / fps
+    cond = renderer.condition(audio, fps)
+    rows = []
+    for b in batches:
+        src = np.array([int(avatar.source_index(i)) for i in range(b)])
+        jobs = [FrameJob(avatar, int(i), cond[k % len(cond)]) for k, i in enumerate(src)]
+        row: dict[str, Any] = {"batch": b, "features_ms": round(1000 * features_s, 3)}
+        if compositor is not None:
+            state = compositor.prepare(avatar, settings.subpixel_enabled)
+            index = torch.from_numpy(src).to(compositor.device)
+            prompts = stack_conditioning([j.cond for j in jobs])
+            with torch.inference_mode():
+                faces = renderer.accelerator.faces(state.latents[index], prompts)
+                frames = compositor.paste(state, faces, index)
+                row["faces_ms"] = _timed(lambda: renderer.accelerator.faces(state.latents[index], prompts), sync)
+                row["composite_ms"] = _timed(lambda: compositor.paste(state, faces, index), sync)
+                row["to_host_ms"] = _timed(lambda: compositor.to_host(frames).frames(), sync)
+            host_frames = compositor.to_host(frames).frames()
+        else:
+            faces_np = generate_faces(renderer, jobs)
+            row["faces_ms"] = _timed(lambda: generate_faces(renderer, jobs), sync)
+            row["composite_ms"] = _timed(lambda: [composite_face(avatar, f, int(i), settings)
+                                                  for f, i in zip(faces_np, src)], sync)
+            row["to_host_ms"] = 0.0
+            host_frames = [composite_face(avatar, f, int(i), settings) for f, i in zip(faces_np, src)]
+        encoder = LiveFmp4(avatar.frames.shape[2], avatar.frames.shape[1], fps, 48000)
+        silence = np.zeros(48000 // fps, np.int16)
+        frames_in = [LiveFrame(k, f, silence, True) for k, f in enumerate(host_frames)]
+        encode_s = _timed(lambda: [encoder.add(f) for f in frames_in], sync, repeats=3)
+        encoder.close()
+        for key in ("faces_ms", "composite_ms", "to_host_ms"):
+            row[key] = round(1000 * row[key] / b, 3)
+        row["encode_ms"] = round(1000 * encode_s / b, 3)
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
 
 
 class RecordedTTS:
@@ -271,16 +372,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     levels = []
     try:
         for n in [int(v) for v in args.sessions.split(",")]:
-            level = await run_level(registry, n, n, args.seconds, clips)
+            level = await run_level(registry, n, n, args.seconds, clips, encode=args.encode)
             levels.append(level)
             print(json.dumps(level))
-            if (level["miss_rate"] > MAX_MISS_RATE or level["refused_503"]
-                    or level["delivered_fps_min"] < 0.95 * settings.avatar.fps):
+            if not _held(level, settings):
                 break
-        one = await run_level(registry, 8, 1, args.seconds, clips)
+        duty_levels = []
+        for n in [int(v) for v in args.duty_sessions.split(",") if v]:
+            level = await run_level(registry, n, n, args.seconds, clips, encode=args.encode, duty=0.5)
+            duty_levels.append(level)
+            print(json.dumps(level))
+            if not _held(level, settings):
+                break
+        one = await run_level(registry, 8, 1, args.seconds, clips, encode=args.encode)
         print(json.dumps(one))
         text = await text_to_first_frame(registry)
         idle = await idle_cost(registry)
+        stages = await asyncio.wrap_future(runtime.engine.submit(
+            stage_profile, runtime, [int(v) for v in args.stage_batches.split(",")]))
     finally:
         await registry.close()
         runtime.close()
@@ -290,10 +399,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "device": runtime.device, "frame": list(runtime.avatar(None).frames.shape[1:3][::-1])},
         "settings": settings.live.model_dump(),
         "measured_frame_cost_ms": round((registry.scheduler.cost.per_frame_s or 0) * 1000, 3),
+        "encoded": args.encode,
         "all_speaking": levels,
+        "half_duty": duty_levels,
         "eight_sessions_one_speaking": one,
         "text_to_first_speech_frame": text,
         "idle": idle,
+        "stages_ms_per_frame": stages,
     }
 
 
@@ -306,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default="1,2,4,8,16,32", help="session counts, in order, until one fails")
     parser.add_argument("--seconds", type=float, default=12.0, help="seconds per level")
     parser.add_argument("--record", action="store_true", help="also encode each utterance into the record")
+    parser.add_argument("--encode", action="store_true",
+                        help="encode every frame of every session as an MSE viewer does (H.264 + AAC fMP4)")
+    parser.add_argument("--stage-batches", default="1,4,8,16,32", help="batch sizes of the per-stage profile")
+    parser.add_argument("--duty-sessions", default="",
+                        help="session counts, in order, speaking half of the time (e.g. 16,24,32)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--speech", metavar="NPZ", help="replay sentences recorded with --write-speech (no TTS)")
     parser.add_argument("--write-speech", metavar="NPZ", help="record the sentences with the TTS, then exit")

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..avatars.cache import Avatar
+from ..config import RenderSettings
 from ..errors import AvatarCacheError
+from .blend import faceless_frames
 from .engine import MouthRenderer, MuseTalkRenderer
+
+if TYPE_CHECKING:
+    from .gpu_composite import FrameBatch
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,64 @@ def _musetalk_mixed(renderer: MuseTalkRenderer, jobs: Sequence[FrameJob]) -> np.
     # Latents and audio prompts are per frame, so one accelerator call (its buckets) serves every avatar.
     latents = np.stack([job.avatar.latents[job.source] for job in jobs])  # type: ignore[index]
     return renderer.accelerator.run(latents, stack_conditioning([job.cond for job in jobs]))
+
+
+@dataclass(frozen=True)
+class DeviceFrames:
+    """Frames composited on the device, on their way to the host, grouped by avatar."""
+
+    batch: FrameBatch
+    order: list[int]  # job index of each frame of ``batch``
+
+    def frames(self) -> list[np.ndarray]:
+        """The finished frames in job order (waits for their copy to the host)."""
+        landed = self.batch.frames()
+        out: list[np.ndarray] = [landed[0]] * len(landed)
+        for frame, job in zip(landed, self.order):
+            out[job] = frame
+        return out
+
+
+def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings: RenderSettings) -> DeviceFrames | None:
+    """Finished frames for ``jobs`` from one UNet + VAE call and a GPU paste per avatar.
+
+    None where the device cannot finish them (no compositor, a blend mode it lacks, a
+    faceless source frame, which is shown untouched): the caller pastes on the host.
+    """
+    compositor = getattr(renderer, "compositor", None)
+    if (not isinstance(renderer, MuseTalkRenderer) or compositor is None or not settings.gpu_composite
+            or not compositor.supports(settings.blend_mode)):
+        return None
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.avatar.avatar_id, []).append(i)
+    for members in groups.values():
+        faceless = faceless_frames(jobs[members[0]].avatar)
+        if any(jobs[i].source in faceless for i in members):
+            return None
+    import torch
+
+    from .gpu_composite import FrameBatch
+
+    order = [i for members in groups.values() for i in members]
+    states, indices, latents = [], [], []
+    for members in groups.values():
+        avatar = jobs[members[0]].avatar
+        if avatar.latents is None:
+            raise AvatarCacheError(f"avatar {avatar.avatar_id!r} was prepared without the VAE")
+        state = compositor.prepare(avatar, settings.subpixel_enabled)
+        index = torch.tensor([jobs[i].source for i in members], dtype=torch.int64, device=compositor.device)
+        states.append(state)
+        indices.append(index)
+        latents.append(state.latents[index])
+    with torch.inference_mode():
+        faces = renderer.accelerator.faces(torch.cat(latents), stack_conditioning([jobs[i].cond for i in order]))
+        parts, start = [], 0
+        for state, index in zip(states, indices):
+            frames = compositor.paste(state, faces[start : start + len(index)], index)
+            parts.append(compositor.to_host(frames))
+            start += len(index)
+    return DeviceFrames(FrameBatch.concat(parts), order)
 
 
 def face_region(avatar: Avatar, source: int) -> tuple[slice, slice]:
