@@ -244,6 +244,9 @@ class LiveSettings(_Section):
     mic_gap_s: float = Field(0.4, gt=0, le=10)
     # fMP4 over WebSocket (Media Source Extensions): frames per fragment.
     mse_fragment_frames: int = Field(3, ge=1, le=50)
+    # One thread per viewer's encoder: many streams encode in parallel (PyAV releases the GIL
+    # while x264 works), and x264's own threads only oversubscribe the cores.
+    encoder_threads: int = Field(1, ge=0, le=64)
 
 
 class Settings(BaseSettings):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from musetalk_warm.config import Settings, apply_assignments, load_settings
@@ -68,8 +69,8 @@ class Watcher:
         self.frames = 0
         self.encode_s = 0.0
         # As an MSE viewer: every frame H.264 + AAC encoded into fMP4, off the event loop.
-        self._encoder = (LiveFmp4(session.width, session.height, session.fps, session.audio_rate)
-                         if encode else None)
+        self._encoder = (LiveFmp4(session.width, session.height, session.fps, session.audio_rate,
+                                  threads=session.settings.encoder_threads) if encode else None)
         self.started: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.first_idle_after: list[tuple[float, float]] = []
@@ -83,7 +84,8 @@ class Watcher:
                 frame = await sub.get()
                 if self._encoder is not None:
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(self._encoder.add, frame)
+                    # Shielded from cancellation: the encoder must not close under a running add.
+                    await anyio.to_thread.run_sync(self._encoder.add, frame)
                     self.encode_s += time.perf_counter() - t0
                 self.frames += 1
                 if self._interrupt_at is not None and not frame.speaking:
@@ -259,7 +261,7 @@ def _timed(fn: Any, sync: Any, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def stage_profile(runtime: Runtime, batches: list[int]) -> list[dict[str, Any]]:
+def stage_profile(runtime: Runtime, batches: list[int]) -> tuple[list[dict[str, Any]], list[LiveFrame]]:
     """Milliseconds per frame of each stage of a live batch, at each batch size: audio features,
     faces (UNet + VAE decode, or the lite warps), paste-back, device → host copy, and one
     viewer's encode (H.264 + AAC fMP4, one thread)."""
@@ -310,6 +312,30 @@ def stage_profile(runtime: Runtime, batches: list[int]) -> list[dict[str, Any]]:
         row["encode_ms"] = round(1000 * encode_s / b, 3)
         rows.append(row)
         print(json.dumps(row))
+    return rows, frames_in
+
+
+def encoder_scaling(frames: list[LiveFrame], width: int, height: int, fps: int,
+                    streams: list[int], per_stream: int = 50) -> list[dict[str, Any]]:
+    """Aggregate frames/s of ``n`` viewer encoders (one x264 thread each) running at once in threads:
+    whether encodes run in parallel or queue on the interpreter lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one() -> None:
+        encoder = LiveFmp4(width, height, fps, 48000, threads=1)
+        for k in range(per_stream):
+            encoder.add(frames[k % len(frames)])
+        encoder.close()
+
+    rows = []
+    for n in streams:
+        with ThreadPoolExecutor(n) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: one(), range(n)))
+            seconds = time.perf_counter() - t0
+        rows.append({"streams": n, "fps_total": round(n * per_stream / seconds, 1),
+                     "fps_per_stream": round(per_stream / seconds, 1)})
+        print(json.dumps(rows[-1]))
     return rows
 
 
@@ -388,8 +414,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(one))
         text = await text_to_first_frame(registry)
         idle = await idle_cost(registry)
-        stages = await asyncio.wrap_future(runtime.engine.submit(
+        stages, frames = await asyncio.wrap_future(runtime.engine.submit(
             stage_profile, runtime, [int(v) for v in args.stage_batches.split(",")]))
+        height, width = runtime.avatar(None).frames.shape[1:3]
+        scaling = await asyncio.to_thread(encoder_scaling, frames, width, height, settings.avatar.fps,
+                                          [int(v) for v in args.encoder_streams.split(",")])
     finally:
         await registry.close()
         runtime.close()
@@ -406,6 +435,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "text_to_first_speech_frame": text,
         "idle": idle,
         "stages_ms_per_frame": stages,
+        "encoders_in_parallel": scaling,
     }
 
 
@@ -420,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help="also encode each utterance into the record")
     parser.add_argument("--encode", action="store_true",
                         help="encode every frame of every session as an MSE viewer does (H.264 + AAC fMP4)")
+    parser.add_argument("--encoder-streams", default="1,2", help="viewer encoders run at once (threads)")
     parser.add_argument("--stage-batches", default="1,4,8,16,32", help="batch sizes of the per-stage profile")
     parser.add_argument("--duty-sessions", default="",
                         help="session counts, in order, speaking half of the time (e.g. 16,24,32)")

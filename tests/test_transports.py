@@ -98,3 +98,37 @@ def test_ice_servers_come_from_config(tmp_path) -> None:
     with TestClient(app) as c:
         assert c.get("/live/ice-servers").json() == {"ice_servers": [turn, {"urls": ["stun:stun.example.org"]}]}
         assert app.state.webrtc._configuration().iceServers[0].urls == turn["urls"]
+
+
+def test_mse_encoder_closes_safely_while_another_thread_encodes() -> None:
+    """A viewer leaving closes its encoder from one worker thread while another may be encoding:
+    close waits for the running frame, and the encoder refuses frames afterwards (no crash)."""
+    import threading
+    import time
+
+    from musetalk_warm.errors import MediaError
+    from musetalk_warm.live.session import LiveFrame
+    from musetalk_warm.live.transports.mse import LiveFmp4
+
+    encoder = LiveFmp4(96, 64, 25, 48000, threads=1)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    frame = LiveFrame(0, image, np.zeros(48000 // 25, np.int16), True)
+    outcome: list[str] = []
+    pieces: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            while True:
+                pieces.extend(encoder.add(frame))
+        except MediaError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=feed)
+    worker.start()
+    time.sleep(0.3)
+    encoder.close()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert outcome == ["the live stream's encoder is closed"]
+    assert pieces and pieces[0][4:8] == b"ftyp"
+    encoder.close()  # twice is harmless

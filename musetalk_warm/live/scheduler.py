@@ -73,19 +73,33 @@ class MaxBatchPolicy:
 
 
 class CostModel:
-    """Exponentially weighted seconds per frame over recent batches."""
+    """Exponentially weighted seconds per batch, for each batch size seen.
+
+    A batch of a few frames costs more per frame than a full one (the device pads it
+    to its bucket), so latency planning asks for the cost of the batch it will get,
+    while capacity (``per_frame_s``) is the cost of a frame at the most efficient size.
+    """
 
     def __init__(self, weight: float = 0.2) -> None:
         self.weight = weight
         self.per_frame_s: float | None = None
+        self._batch_s: dict[int, float] = {}
 
     def observe(self, frames: int, seconds: float) -> None:
-        sample = seconds / max(frames, 1)
-        old = self.per_frame_s
-        self.per_frame_s = sample if old is None else old + self.weight * (sample - old)
+        frames = max(frames, 1)
+        old = self._batch_s.get(frames)
+        self._batch_s[frames] = seconds if old is None else old + self.weight * (seconds - old)
+        self.per_frame_s = min(s / n for n, s in self._batch_s.items())
 
     def batch_s(self, frames: int) -> float:
-        return (self.per_frame_s or 0.0) * frames
+        """Expected seconds of a batch of ``frames``: as the nearest size seen at or above it, else scaled."""
+        if not self._batch_s:
+            return (self.per_frame_s or 0.0) * frames
+        above = [n for n in self._batch_s if n >= frames]
+        if above:
+            return self._batch_s[min(above)]
+        largest = max(self._batch_s)
+        return self._batch_s[largest] * frames / largest
 
 
 class FrameScheduler:

@@ -10,6 +10,7 @@ would stall MSE playback.
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,8 @@ class _Sink:
 class LiveFmp4:
     """Encode one viewer's stream of live frames into fMP4 pieces for a ``SourceBuffer``."""
 
-    def __init__(self, width: int, height: int, fps: int, audio_rate: int, fragment_frames: int = 3) -> None:
+    def __init__(self, width: int, height: int, fps: int, audio_rate: int, fragment_frames: int = 3,
+                 threads: int = 1) -> None:
         self.fps = fps
         self.audio_rate = audio_rate
         self._size = (width + width % 2, height + height % 2)
@@ -75,6 +77,7 @@ class LiveFmp4:
         gop = 2 * fps
         self._video = self._out.add_stream("libx264", rate=fps, options={
             "preset": "ultrafast", "tune": "zerolatency", "profile": "baseline", "crf": "23",
+            "threads": str(threads),
             "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0",
         })
         self._video.width, self._video.height = self._size
@@ -85,6 +88,10 @@ class LiveFmp4:
         self._frames = 0
         self._samples = 0
         self._init_sent = False
+        # add runs on a worker thread; a viewer leaving closes from another one, and FFmpeg
+        # must never free the muxer under a running encode.
+        self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def mime(self) -> str:
@@ -95,6 +102,12 @@ class LiveFmp4:
 
     def add(self, frame: LiveFrame) -> list[bytes]:
         """Encode one tick; returns what is complete: the init segment first, then fragments."""
+        with self._lock:
+            if self._closed:
+                raise MediaError("the live stream's encoder is closed")
+            return self._add(frame)
+
+    def _add(self, frame: LiveFrame) -> list[bytes]:
         image = frame.image
         pad = ((0, self._size[1] - image.shape[0]), (0, self._size[0] - image.shape[1]), (0, 0))
         if any(p[1] for p in pad):
@@ -130,8 +143,12 @@ class LiveFmp4:
         return out
 
     def close(self) -> None:
-        """Release the encoders (what is buffered is dropped: the viewer has gone)."""
-        try:
-            self._out.close()
-        except av.error.FFmpegError:
-            pass  # closing after a failure; nothing is kept
+        """Release the encoders (what is buffered is dropped: the viewer has gone); waits for a running add."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._out.close()
+            except av.error.FFmpegError:
+                pass  # closing after a failure; nothing is kept

@@ -96,7 +96,8 @@ async def mse(websocket: WebSocket, session_id: str) -> None:
         return
     live = websocket.app.state.warm.settings.live
     subscription = session.subscribe()
-    encoder = LiveFmp4(session.width, session.height, session.fps, session.audio_rate, live.mse_fragment_frames)
+    encoder = LiveFmp4(session.width, session.height, session.fps, session.audio_rate, live.mse_fragment_frames,
+                       threads=live.encoder_threads)
     gone = asyncio.create_task(wait_disconnect(websocket))
     try:
         while not gone.done():
