@@ -22,12 +22,13 @@ import numpy as np
 
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
-from ..errors import Overloaded
+from ..errors import MuseTalkWarmError, Overloaded
 from ..media.audio import SAMPLE_RATE
 from ..metrics import Metrics
 from ..render.engine import MouthRenderer
 from ..render.blend import composite_face
-from ..render.mixed import DeviceFrames, FrameJob, generate_faces, render_on_device
+from ..render import silence
+from ..render.mixed import DeviceFrames, FrameJob, generate_faces, hold_silent_faces, render_on_device
 from .clock import Clock
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,18 @@ class FrameScheduler:
         """The renderer's per-frame conditioning of ``audio16k``, computed on the accelerator thread."""
         return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps))
 
+    async def pauses(self, audio16k: np.ndarray, fps: int, count: int) -> np.ndarray:
+        """Per frame of ``audio16k``, the share of the source mouth that silence shows (voice activity
+        off the event loop; zeros when ``render.silence_source_enabled`` is off)."""
+        if not self.render.silence_source_enabled:
+            return np.zeros(count, np.float32)
+        try:
+            return await asyncio.to_thread(silence.hold_weights, audio16k, fps, count,
+                                           self.render.silence_ramp_frames)
+        except MuseTalkWarmError as exc:  # no voice activity model: speech everywhere, as before
+            log.warning("pauses not detected: %s", exc.message)
+            return np.zeros(count, np.float32)
+
     async def calibrate(self, avatar: Avatar, frames: int) -> None:
         """Render a batch of silence to measure what a frame costs (a first one puts the avatar on the device)."""
         cond = await self.condition(np.zeros(-(-frames * SAMPLE_RATE // avatar.fps), np.float32), avatar.fps)
@@ -295,7 +308,7 @@ class FrameScheduler:
         on_device = render_on_device(self.renderer, jobs, self.render)
         if on_device is not None:
             return on_device
-        faces = generate_faces(self.renderer, jobs)
+        faces = hold_silent_faces(jobs, generate_faces(self.renderer, jobs))
         return [composite_face(job.avatar, face, job.source, self.render) for job, face in zip(jobs, faces)]
 
     def _gauge(self) -> None:

@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -173,7 +173,7 @@ class LiveSession:
         self._t0 = 0.0
         self._speaking = False
         self._epoch = 0
-        self._replies: set[asyncio.Task[None]] = set()
+        self._replies: set[asyncio.Task[Any]] = set()
         self._streams: dict[int, tuple[Utterance, asyncio.Event, asyncio.Task[None]]] = {}
         self._pcm_inputs: set[PcmInput] = set()
         self._task: asyncio.Task[None] | None = None
@@ -348,7 +348,7 @@ class LiveSession:
                 self._plan_alpha += max(-self._step, min(self._step, target - self._plan_alpha))
                 source = int(self.avatar.source_index(self.start_position + tick + k))
                 request = FrameRequest(
-                    self.id, tick + k, FrameJob(self.avatar, source, utt.cond[j]),
+                    self.id, tick + k, FrameJob(self.avatar, source, utt.cond[j], utt.hold_at(j)),
                     self._t0 + (tick + k) / self.fps, loop.create_future(),
                 )
                 self._planned[tick + k] = _Plan(utt, j, self._plan_alpha, request)
@@ -380,10 +380,14 @@ class LiveSession:
         if interrupt:
             self.interrupt()
         reply = Reply(uuid.uuid4().hex[:12])
-        task = asyncio.create_task(self._speak(chunks, reply, self._epoch))
+        self._spawn(self._speak(chunks, reply, self._epoch))
+        return reply
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` as part of a reply: the session is busy until it ends, and closing cancels it."""
+        task = asyncio.create_task(work)
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
-        return reply
 
     async def _speak(self, chunks: AsyncIterator[str], reply: Reply, epoch: int) -> None:
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
@@ -427,7 +431,11 @@ class LiveSession:
         utt = self._utterance(text)
         utt.add_audio(speech16k, track)
         utt.end()
-        await utt.update_conditioning(self.scheduler.condition)
+        # The first frames' pauses are read beside the conditioning; the rest while they play.
+        await asyncio.gather(utt.update_conditioning(self.scheduler.condition),
+                             utt.update_pauses(self.scheduler.pauses, self.settings.lead_frames))
+        if not utt.planned_all:
+            self._spawn(utt.update_pauses(self.scheduler.pauses))
         return utt
 
     def speak_audio(self, samples: np.ndarray, rate: int, *, text: str | None = None,
@@ -443,9 +451,7 @@ class LiveSession:
             if epoch == self._epoch:
                 self._enqueue(utt)
 
-        task = asyncio.create_task(run())
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        self._spawn(run())
         return reply
 
     def _utterance(self, text: str | None) -> Utterance:
@@ -489,7 +495,8 @@ class LiveSession:
                 wake.clear()
                 if epoch != self._epoch:
                     break
-                if await utt.update_conditioning(self.scheduler.condition):
+                if any(await asyncio.gather(utt.update_conditioning(self.scheduler.condition),
+                                            utt.update_pauses(self.scheduler.pauses))):
                     self._plan()
                 if utt.planned_all:
                     break

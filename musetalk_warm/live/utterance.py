@@ -21,9 +21,14 @@ import numpy as np
 from ..media.audio import SAMPLE_RATE
 
 LOOKAHEAD_FRAMES = 2
+# Voice activity (the source mouth in pauses) is computed over the new frames plus this
+# much audio on either side: enough for the pause ramps, without re-reading the whole
+# utterance at every hop of a stream.
+PAUSE_CONTEXT_FRAMES = 8
 SEGMENT_S = 30  # Whisper's input window: the whole-clip path conditions 30 s segments separately
 
 Condition = Callable[[np.ndarray, int], Awaitable[Sequence[Any]]]
+Pauses = Callable[[np.ndarray, int, int], Awaitable[np.ndarray]]
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
@@ -67,6 +72,7 @@ class Utterance:
         self.speech16k = _Samples()
         self.track = _Samples()
         self.cond: list[Any] = []
+        self.hold: list[float] = []  # per frame: share of the source mouth (silence); see render/silence.py
         self.ended = False
         self.total_frames: int | None = None
         self.started = False
@@ -102,6 +108,15 @@ class Utterance:
         """Frames whose conditioning is computed."""
         return len(self.cond)
 
+    def hold_at(self, index: int) -> float:
+        """Frame ``index``'s share of the source mouth; 0 (the generated mouth) until its pause is read:
+        speech never waits for voice activity."""
+        return self.hold[index] if index < len(self.hold) else 0.0
+
+    def _target(self) -> int:
+        """Frames that can be conditioned now: all once ended, else those with their look-ahead."""
+        return self.total_frames or 0 if self.ended else max(0, self.audio_frames - LOOKAHEAD_FRAMES)
+
     @property
     def planned_all(self) -> bool:
         return self.ended and self.ready_frames >= (self.total_frames or 0)
@@ -127,8 +142,7 @@ class Utterance:
         (ended, nothing conditioned yet) is conditioned in one call.
         """
         done = len(self.cond)
-        target = self.total_frames if self.ended else max(0, self.audio_frames - LOOKAHEAD_FRAMES)
-        assert target is not None
+        target = self._target()
         if target <= done:
             return 0
         segment = SEGMENT_S * self.fps
@@ -139,3 +153,21 @@ class Utterance:
         cond = await condition(window, self.fps)
         self.cond.extend(cond[done - first : target - first])
         return len(self.cond) - done
+
+    async def update_pauses(self, pauses: Pauses, most: int | None = None) -> int:
+        """Give up to ``most`` more frames (all that can be, by default) their source-mouth share.
+
+        Voice activity runs over those frames' audio with ``PAUSE_CONTEXT_FRAMES`` of
+        what is there on either side, so a short first call lets a reply start while
+        the rest of it is read.
+        """
+        done = len(self.hold)
+        target = self._target() if most is None else min(self._target(), done + most)
+        if target <= done:
+            return 0
+        before = min(done, PAUSE_CONTEXT_FRAMES)
+        stop = min(target + PAUSE_CONTEXT_FRAMES, self.audio_frames if not self.ended else self.total_frames or 0)
+        audio = np.array(self.speech16k.view((done - before) * SAMPLE_RATE // self.fps, stop * SAMPLE_RATE // self.fps))
+        hold = await pauses(audio, self.fps, stop - done + before)
+        self.hold.extend(float(w) for w in hold[before : before + target - done])
+        return len(self.hold) - done

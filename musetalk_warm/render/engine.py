@@ -203,8 +203,7 @@ class RenderEngine:
         sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
         hold = np.zeros(len(cond), np.float32)
         if settings.silence_source_enabled:
-            speech = silence.speech_frames(audio, avatar.fps, len(cond))
-            hold = silence.source_weights(speech, settings.silence_ramp_frames)
+            hold = silence.hold_weights(audio, avatar.fps, len(cond), settings.silence_ramp_frames)
         yield from self._pipeline(avatar, cond, sources, settings, stats, hold)
 
     def _condition(self, audio: np.ndarray, fps: int) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
 from ..errors import AvatarCacheError
+from . import silence
 from .blend import faceless_frames
 from .engine import MouthRenderer, MuseTalkRenderer
 
@@ -30,6 +31,7 @@ class FrameJob:
     avatar: Avatar
     source: int
     cond: Any
+    hold: float = 0.0  # share of the source mouth (silence); see render/silence.py
 
 
 def stack_conditioning(items: Sequence[Any]) -> Any:
@@ -62,6 +64,13 @@ def generate_faces(renderer: MouthRenderer, jobs: Sequence[FrameJob]) -> list[np
     return [f for f in faces if f is not None]
 
 
+def hold_silent_faces(jobs: Sequence[FrameJob], faces: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each face blended towards its source crop by its job's ``hold`` (silent frames show the source mouth)."""
+    return [face if job.hold <= 0 else silence.hold_source(face[None], job.avatar.crops[job.source][None],
+                                                           np.array([job.hold], np.float32))[0]
+            for job, face in zip(jobs, faces)]
+
+
 def _musetalk_mixed(renderer: MuseTalkRenderer, jobs: Sequence[FrameJob]) -> np.ndarray:
     for job in jobs:
         if job.avatar.latents is None:
@@ -91,11 +100,12 @@ def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings
     """Finished frames for ``jobs`` from one UNet + VAE call and a GPU paste per avatar.
 
     None where the device cannot finish them (no compositor, a blend mode it lacks, a
-    faceless source frame, which is shown untouched): the caller pastes on the host.
+    faceless source frame, which is shown untouched, or a silent frame holding the source
+    mouth): the caller pastes on the host.
     """
     compositor = getattr(renderer, "compositor", None)
     if (not isinstance(renderer, MuseTalkRenderer) or compositor is None or not settings.gpu_composite
-            or not compositor.supports(settings.blend_mode)):
+            or not compositor.supports(settings.blend_mode) or any(job.hold > 0 for job in jobs)):
         return None
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):

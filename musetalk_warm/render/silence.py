@@ -78,6 +78,11 @@ def source_weights(speech: np.ndarray, ramp: int) -> np.ndarray:
     return np.clip(dist / (ramp + 1), 0.0, 1.0).astype(np.float32)
 
 
+def hold_weights(audio16k: np.ndarray, fps: int, count: int, ramp: int) -> np.ndarray:
+    """``float32 [count]`` share of the source mouth per video frame of ``audio16k`` (1 in silence)."""
+    return source_weights(speech_frames(audio16k, fps, count), ramp)
+
+
 def hold_source(faces: np.ndarray, sources: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Blend each generated face towards its source crop by ``weights`` (0 leaves it as is)."""
     weights = np.asarray(weights, np.float32)
