@@ -154,3 +154,41 @@ def test_pcm_stream_speaks_with_bounded_lookahead(settings: Settings, avatar: Av
     # the two seconds sent plus the fade-out.
     assert pattern[0][1] <= 2 + 2 * settings.live.pcm_hop_frames + settings.live.start_lead_frames + 2
     assert pattern[1][1] == 50 + settings.live.blend_frames - 1
+
+
+def test_pauses_within_an_utterance_show_the_source_mouth(settings: Settings, avatar: Avatar,
+                                                          speech_16k: np.ndarray) -> None:
+    """Speech, a second of silence, speech again, as one utterance: the silent middle shows the
+    avatar's own mouth (the source frame), the speech around it the rendered one."""
+    speech = np.clip(speech_16k[:16000] * (0.5 / max(1e-6, np.abs(speech_16k[:16000]).max())), -1, 1)
+    clip = np.concatenate([speech, np.zeros(16000, np.float32), speech]).astype(np.float32)
+
+    async def scenario() -> tuple[list[LiveFrame], list[float]]:
+        rig = Rig(settings)
+        session = rig.session("s", avatar)
+        sub = session.subscribe()
+        session.speak_audio(clip, 16000)
+        await until(lambda: queued(session))
+        utt = session._current or session._queue[0]
+        await until(lambda: len(utt.hold) == utt.total_frames)  # voice activity read for every frame
+        await rig.tick(75 + settings.live.blend_frames + 20)
+        await rig.close()
+        return drain_frames(sub), list(utt.hold)
+
+    frames, hold = asyncio.run(scenario())
+    check_stream(frames, avatar, start=0)
+    spoken = [f for f in frames if f.speaking]
+    assert len(spoken) == 75 + settings.live.blend_frames - 1
+
+    def mouth_change(frame: LiveFrame) -> float:
+        source = int(avatar.source_index(frame.index))
+        rows, cols = face_region(avatar, source)
+        return float(np.abs(frame.image[rows, cols].astype(int) - avatar.frames[source][rows, cols]).mean())
+
+    pause = range(25 + 4, 50 - 4)  # clear of the 0.1 s hangover and the ramp on either side
+    assert all(hold[j] == 1.0 for j in pause)
+    assert max(hold[j] for j in range(5, 20)) < 1.0  # speech keeps the rendered mouth
+    held = [mouth_change(spoken[j]) for j in pause]
+    talking = [mouth_change(spoken[j]) for j in range(5, 20)] + [mouth_change(spoken[j]) for j in range(55, 70)]
+    assert max(held) < 1.0, held  # the source mouth, pasted back (resampling only)
+    assert float(np.median(talking)) > 3 * max(max(held), 0.2), (np.median(talking), max(held))

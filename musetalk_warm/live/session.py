@@ -434,7 +434,7 @@ class LiveSession:
         # The first frames' pauses are read beside the conditioning; the rest while they play.
         await asyncio.gather(utt.update_conditioning(self.scheduler.condition),
                              utt.update_pauses(self.scheduler.pauses, self.settings.lead_frames))
-        if not utt.planned_all:
+        if len(utt.hold) < (utt.total_frames or 0):
             self._spawn(utt.update_pauses(self.scheduler.pauses))
         return utt
 
