@@ -96,10 +96,10 @@ class FaceEnhancer:
 
     @classmethod
     def load(cls, settings: Settings) -> FaceEnhancer:
-        from ..models.musetalk import resolve_device
-
         models = settings.models
         net = load_gfpgan(models.path(models.gfpgan_weights))
+        from ..models.musetalk import resolve_device
+
         return cls(net, net.out_size, resolve_device(models.device))
 
     @torch.inference_mode()
