@@ -19,8 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from musetalk_warm.avatars.cache import Avatar
 from musetalk_warm.avatars.demo import demo_frames
 from musetalk_warm.avatars.landmarks import make_detector
+from musetalk_warm.avatars.prep import load_or_prepare
 from musetalk_warm.cli import main
 from musetalk_warm.errors import WeightsMissing
 from musetalk_warm.render.enhance import (
@@ -167,12 +169,17 @@ def _in_frame(mask: np.ndarray, box: np.ndarray, shape: tuple[int, ...]) -> np.n
     return out
 
 
-def test_the_face_stays_where_it_was(tmp_path: Path) -> None:
-    """Crop → 512² → paste is aligned: with an identity network the frames come back as they were."""
-    settings = make_settings(tmp_path, avatar={"demo_seconds": 0.2})
-    from musetalk_warm.avatars.prep import load_or_prepare
+@pytest.fixture(scope="module")
+def demo_avatar(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Avatar]:
+    """The built-in demo avatar, prepared (lite: no latents) into a cache folder."""
+    root = tmp_path_factory.mktemp("enhance")
+    avatar = load_or_prepare(make_settings(root, avatar={"demo_seconds": 0.12}), progress=False)
+    return root / "avatars", avatar
 
-    avatar = load_or_prepare(settings, progress=False)
+
+def test_the_face_stays_where_it_was(demo_avatar: tuple[Path, Avatar]) -> None:
+    """Crop → 512² → paste is aligned: with an identity network the frames come back as they were."""
+    avatar = demo_avatar[1]
     identity = FaceEnhancer(nn.Identity(), 512)
     targets = avatar_targets(avatar)
     frames = np.stack([enhance_frame(identity, f, targets(i, f)) for i, f in enumerate(avatar.frames)])
@@ -182,3 +189,18 @@ def test_the_face_stays_where_it_was(tmp_path: Path) -> None:
     assert diff[mask].mean() < 3.0  # inside: only resampling error
     shift = np.linalg.norm(_landmarks(frames) - _landmarks(avatar.frames), axis=2)
     assert shift.mean() < 1.0 and shift.max() < 3.0
+
+
+def test_the_command_enhances_a_session_video(
+    checkpoint: Path, demo_avatar: tuple[Path, Avatar], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache, avatar = demo_avatar
+    src = _clip(tmp_path / "session.mp4", avatar.frames[[2, 2]])  # cycle positions 2, 3 of 0 1 2 2 1 0
+    out = tmp_path / "enhanced.mp4"
+    args = ["enhance", str(src), str(out), "--session", "--start-frame", "2", "--models-dir",
+            str(checkpoint.parent), "--device", "cpu", "--set", f"avatar.cache_dir={cache}"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == report["enhanced"] == 2 and report["audio"] and report["fps"] == FPS
+    frames = _read(out)[0]
+    assert len(frames) == 2 and np.abs(frames[0].astype(int) - frames[1]).mean() < 1.0  # one placement
