@@ -83,9 +83,14 @@ def test_missing_or_wrong_weights_are_clear_errors(tmp_path: Path, capsys: pytes
     assert main(["enhance", str(src), str(tmp_path / "out.mp4"), "--models-dir", str(tmp_path)]) == 2
     line = capsys.readouterr().err
     assert "GFPGANv1.4.pth not found" in line and str(tmp_path) not in line
-    torch.save({"params_ema": {"conv_body_first.weight": torch.zeros(2, 3, 1, 1)}}, tmp_path / "GFPGANv1.4.pth")
+    wrong = tmp_path / "GFPGANv1.4.pth"
+    for content in ({"params_ema": {"conv_body_first.weight": torch.zeros(2, 3, 1, 1)}}, torch.zeros(3)):
+        torch.save(content, wrong)
+        with pytest.raises(WeightsMissing, match="not a GFPGAN"):
+            load_gfpgan(wrong)
+    wrong.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsMissing, match="not a GFPGAN"):
-        load_gfpgan(tmp_path / "GFPGANv1.4.pth")
+        load_gfpgan(wrong)
 
 
 def _clip(path: Path, frames: np.ndarray, audio_rate: int = 24000) -> Path:

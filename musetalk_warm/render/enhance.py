@@ -19,6 +19,7 @@ Weights: the official ``GFPGANv1.4.pth`` (``params_ema``), read with
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ from ..avatars.prep import face_box, with_margin
 from ..avatars.stabilise import box_transform, boxes_center_size, compose
 from ..config import Settings
 from ..errors import BadInput, MediaError, WeightsMissing
-from ..media.decode import ffmpeg_reason
+from ..files import atomic_write
+from ..media.decode import ffmpeg_reason, open_input
 from .blend import composite, faceless_frames
 from .gfpgan import GFPGANv1Clean
 
@@ -70,12 +72,13 @@ def load_gfpgan(path: Path) -> GFPGANv1Clean:
             f"face enhancement weights {path.name} not found in the models folder",
             hint="run `python scripts/download_weights.py --with-enhance` (fetches GFPGANv1.4.pth)",
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("params_ema", checkpoint.get("params", checkpoint))
     try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # The official files keep the EMA generator under params_ema (older ones under params).
+        state = checkpoint.get("params_ema", checkpoint.get("params", checkpoint))
         net = _network(state)
         net.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, RuntimeError, ValueError) as exc:
         raise WeightsMissing(
             f"{path.name} is not a GFPGAN v1.3/v1.4 checkpoint ({type(exc).__name__})",
             hint="use the official GFPGANv1.4.pth (scripts/download_weights.py --with-enhance)",
@@ -176,48 +179,37 @@ def detected_targets(detector: LandmarkDetector, settings: Settings) -> Targets:
 
 @dataclass(frozen=True)
 class EnhanceResult:
+    """What :func:`enhance_video` wrote: frames, how many had a face, the video rate, audio or not."""
+
     frames: int
     enhanced: int
     fps: float
     audio: bool
 
 
-def _frames(container: av.container.InputContainer, video: Any, audio: Any) -> Iterator[av.Packet | av.VideoFrame]:
+def _items(container: av.container.InputContainer, video: Any, audio: Any) -> Iterator[av.Packet | av.VideoFrame]:
     """Audio packets and decoded video frames, in the file's order."""
     streams = [video] + ([audio] if audio is not None else [])
     for packet in container.demux(*streams):
         if packet.stream is video:
             yield from packet.decode()
-        elif packet.dts is not None:
+        elif packet.dts is not None:  # not a flush packet
             yield packet
 
 
-def enhance_video(src: Path, dst: Path, enhancer: FaceEnhancer, targets: Targets, *,
-                  crf: int = 18, progress: bool = True) -> EnhanceResult:
-    """``src`` with every frame's face restored, as H.264 in ``dst``; audio stream-copied.
-
-    Each frame keeps its timestamp (same time base), so frame count, rate and
-    A/V sync are those of ``src``.
-    """
-    try:
-        inp = av.open(str(src))
-    except av.error.FFmpegError as exc:
-        raise MediaError(f"video {src.name} cannot be read: {ffmpeg_reason(exc)}") from exc
-    with inp:
-        if not inp.streams.video:
-            raise BadInput(f"{src.name} has no video stream")
-        vin = inp.streams.video[0]
-        ain = inp.streams.audio[0] if inp.streams.audio else None
-        total = vin.frames or None
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(dst), "w") as out:
-            vout = out.add_stream("libx264", rate=vin.average_rate, options={"crf": str(crf)})
-            vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
-            vout.time_base = vin.time_base
-            aout = out.add_stream_from_template(ain) if ain is not None else None
-            count = enhanced = 0
-            bar = tqdm(total=total, desc="enhance", unit="frame", disable=not progress)
-            for item in _frames(inp, vin, ain):
+def _transcode(inp: av.container.InputContainer, tmp: Path, enhancer: FaceEnhancer, targets: Targets,
+               crf: int, progress: bool) -> tuple[int, int]:
+    """Every frame of ``inp`` enhanced into the MP4 ``tmp``, audio packets copied: (frames, enhanced)."""
+    vin = inp.streams.video[0]
+    ain = inp.streams.audio[0] if inp.streams.audio else None
+    with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        vout = out.add_stream("libx264", rate=vin.average_rate, options={"crf": str(crf)})
+        vout.width, vout.height, vout.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
+        vout.time_base = vin.time_base
+        aout = out.add_stream_from_template(ain) if ain is not None else None
+        count = enhanced = 0
+        with tqdm(total=vin.frames or None, desc="enhance", unit="frame", disable=not progress) as bar:
+            for item in _items(inp, vin, ain):
                 if isinstance(item, av.Packet):
                     item.stream = aout
                     out.mux(item)
@@ -227,10 +219,29 @@ def enhance_video(src: Path, dst: Path, enhancer: FaceEnhancer, targets: Targets
                 frame = av.VideoFrame.from_ndarray(enhance_frame(enhancer, image, target), format="bgr24")
                 frame.pts, frame.time_base = item.pts, item.time_base
                 out.mux(vout.encode(frame))
-                count += 1
-                enhanced += target is not None
+                count, enhanced = count + 1, enhanced + (target is not None)
                 bar.update()
-            bar.close()
-            out.mux(vout.encode(None))
-    log.info("enhanced %d of %d frames", enhanced, count)
-    return EnhanceResult(frames=count, enhanced=enhanced, fps=float(vin.average_rate or 0), audio=ain is not None)
+        out.mux(vout.encode(None))
+    return count, enhanced
+
+
+def enhance_video(src: Path, dst: Path, enhancer: FaceEnhancer, targets: Targets, *,
+                  crf: int = 18, progress: bool = True) -> EnhanceResult:
+    """``src`` with every frame's face restored, as an H.264 MP4 ``dst``; audio stream-copied.
+
+    Each frame keeps its timestamp (same time base), so frame count, rate and
+    A/V sync are those of ``src``. ``dst`` appears complete or not at all.
+    """
+    with open_input(src, "video") as inp:
+        if not inp.streams.video:
+            raise BadInput(f"{src.name} has no video stream")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        counts: list[tuple[int, int]] = []
+        try:
+            atomic_write(dst, lambda tmp: counts.append(_transcode(inp, tmp, enhancer, targets, crf, progress)))
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"enhancing {src.name} failed: {ffmpeg_reason(exc)}") from exc
+        rate = inp.streams.video[0].average_rate
+        (frames, enhanced), audio = counts[0], bool(inp.streams.audio)
+    log.info("enhanced %d of %d frames", enhanced, frames)
+    return EnhanceResult(frames=frames, enhanced=enhanced, fps=float(rate or 0), audio=audio)
