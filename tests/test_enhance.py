@@ -190,10 +190,10 @@ def test_the_face_stays_where_it_was(demo_avatar: tuple[Path, Avatar]) -> None:
     frames = np.stack([enhance_frame(identity, f, targets(i, f)) for i, f in enumerate(avatar.frames)])
     mask = np.stack([_in_frame(m, b, frames.shape[1:3]) for m, b in zip(avatar.masks, avatar.crop_boxes)])
     diff = np.abs(frames.astype(int) - avatar.frames.astype(int)).max(axis=3)
-    assert mask.mean() > 0.02 and diff[~mask].max() == 0  # outside the mask: untouched
-    assert diff[mask].mean() < 3.0  # inside: only resampling error
+    assert mask.mean() > 0.01 and diff[~mask].max() == 0  # outside the mask: untouched
+    assert diff[mask].mean() < 1.0  # inside: only resampling error (0.09 levels measured)
     shift = np.linalg.norm(_landmarks(frames) - _landmarks(avatar.frames), axis=2)
-    assert shift.mean() < 1.0 and shift.max() < 3.0
+    assert shift.max() < 1.0  # px (0.08 measured)
 
 
 def test_the_command_enhances_a_session_video(

@@ -2,14 +2,14 @@
 
 Module and parameter names follow the official ``gfpganv1_clean_arch.py`` so that
 ``GFPGANv1.4.pth`` (``params_ema``) loads with ``strict=True``. Only inference is
-kept: no training losses, no intermediate RGB outputs (``toRGB`` exists for the
-state dict only), no style mixing or truncation. The decoder uses its stored
+kept: no intermediate RGB outputs (``toRGB`` exists for the state dict only), no
+style mixing or truncation. The decoder uses its stored
 noise buffers, as ``randomize_noise=False`` upstream: the same frame always gives
 the same face, so a video does not shimmer.
 
-The architecture is written here rather than imported from spandrel because every
-spandrel release imports torchvision when imported and requires it to install, and
-the only torchvision for torch 2.13 on PyPI is a CUDA build: beside the CPU torch
+The architecture is written here rather than imported from spandrel because spandrel
+(0.0.4 to 0.4.2, as checked) requires torchvision and imports it on import, and the
+only torchvision for torch 2.13 on PyPI is a CUDA build: beside the CPU torch
 this project pins it fails to import ("operator torchvision::nms does not exist"),
 and its mere presence then breaks transformers' Whisper and diffusers' VAE imports.
 """
