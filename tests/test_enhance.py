@@ -188,7 +188,7 @@ def test_the_face_stays_where_it_was(demo_avatar: tuple[Path, Avatar]) -> None:
     identity = FaceEnhancer(nn.Identity(), 512)
     targets = avatar_targets(avatar)
     frames = np.stack([enhance_frame(identity, f, targets(i, f)) for i, f in enumerate(avatar.frames)])
-    mask = np.stack([_in_frame(m, b, frames.shape[1:3]) for m, b in zip(avatar.masks, avatar.crop_boxes)])
+    mask = np.stack([_in_frame(m, b, frames.shape[1:3]) for m, b in zip(avatar.masks, avatar.crop_boxes, strict=True)])
     diff = np.abs(frames.astype(int) - avatar.frames.astype(int)).max(axis=3)
     assert mask.mean() > 0.01 and diff[~mask].max() == 0  # outside the mask: untouched
     assert diff[mask].mean() < 1.0  # inside: only resampling error (0.09 levels measured)

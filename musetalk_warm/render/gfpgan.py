@@ -135,7 +135,7 @@ class StyleGAN2GeneratorCSFT(nn.Module):
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1
         for conv1, conv2, noise1, noise2, to_rgb in zip(
-            self.style_convs[::2], self.style_convs[1::2], noise[1::2], noise[2::2], self.to_rgbs
+            self.style_convs[::2], self.style_convs[1::2], noise[1::2], noise[2::2], self.to_rgbs, strict=True
         ):
             out = conv1(out, latent[:, i], noise1)
             if i < len(conditions):
@@ -163,7 +163,10 @@ class ResBlock(nn.Module):
 
 
 def _sft_branch(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, 1, 1))
+    """One SFT condition (scale or shift) from a U-Net feature map."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(channels, channels, 3, 1, 1)
+    )
 
 
 class GFPGANv1Clean(nn.Module):
@@ -208,7 +211,8 @@ class GFPGANv1Clean(nn.Module):
         feat = _lrelu(self.final_conv(feat))
         latent = self.final_linear(feat.flatten(1)).view(x.shape[0], -1, self.style)
         conditions: list[torch.Tensor] = []
-        for skip, up, scale, shift in zip(skips, self.conv_body_up, self.condition_scale, self.condition_shift):
+        branches = zip(self.conv_body_up, self.condition_scale, self.condition_shift, strict=True)
+        for skip, (up, scale, shift) in zip(skips, branches, strict=True):
             feat = up(feat + skip)
             conditions += [scale(feat), shift(feat)]
         return self.stylegan_decoder(latent, conditions)
