@@ -200,15 +200,17 @@ def _cmd_enhance(args: argparse.Namespace) -> None:
         raise BadInput(f"video not found: {src.name}")
     settings = _settings(args)
     t0 = time.perf_counter()
-    enhancer = FaceEnhancer.load(settings)
     if args.session:
         from .avatars.cache import load_avatar
 
-        avatar = load_avatar(settings.avatar.avatar_id, settings.avatar.cache_dir)
-        result = enhance_video(src, out, enhancer, avatar_targets(avatar, args.start_frame))
+        # The avatar first: a cache that is not there fails before the weights load.
+        targets = avatar_targets(load_avatar(settings.avatar.avatar_id, settings.avatar.cache_dir), args.start_frame)
+        enhancer = FaceEnhancer.load(settings)
+        result = enhance_video(src, out, enhancer, targets)
     else:
         from .avatars.landmarks import make_detector
 
+        enhancer = FaceEnhancer.load(settings)
         detector = make_detector(settings.avatar.landmark_backend, video=True)
         try:
             result = enhance_video(src, out, enhancer, detected_targets(detector, settings))
