@@ -1,8 +1,8 @@
 """Face enhancement with GFPGAN v1.4: a face region cut at 512², restored, pasted back.
 
 The region is a frame's face placement (the 256² crop → frame map) grown by
-``REGION_EXPAND`` about its centre, close to the framing GFPGAN was trained on
-(FFHQ: the face about two thirds of the crop). It is cut at the network's size
+``REGION_EXPAND`` about its centre: the face box then fills two thirds of the
+crop, roughly the framing of FFHQ, GFPGAN's training data. It is cut at the network's size
 (512²), restored, and pasted back with the frame's blend mask (``feather``: alpha
 ends inside the restored square). Outside the mask every pixel stays as it was.
 
@@ -99,6 +99,7 @@ class FaceEnhancer:
 
     @classmethod
     def load(cls, settings: Settings) -> FaceEnhancer:
+        """``models.gfpgan_weights`` under ``models.models_dir``, on ``models.device``."""
         models = settings.models
         net = load_gfpgan(models.path(models.gfpgan_weights))
         from ..models.musetalk import resolve_device
