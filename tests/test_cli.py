@@ -79,7 +79,7 @@ def test_errors_are_one_clear_line(
 def test_help_is_plain_text_and_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from musetalk_warm.cli import build_parser
 
-    for command in ([], ["prep"], ["render"], ["demo"], ["serve"]):
+    for command in ([], ["prep"], ["render"], ["demo"], ["serve"], ["enhance"]):
         with pytest.raises(SystemExit) as done:
             build_parser().parse_args([*command, "--help"])
         assert done.value.code == 0

@@ -18,7 +18,8 @@ import numpy as np
 from ..errors import AudioError, MediaError
 
 
-def _open_input(path: str | Path, what: str) -> av.container.InputContainer:
+def open_input(path: str | Path, what: str) -> av.container.InputContainer:
+    """``path`` opened with PyAV; a missing or unreadable file is a MediaError naming ``what``."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"{what} not found: {path.name}")
@@ -41,7 +42,7 @@ def iter_video_frames(path: str | Path, fps: float | None = None) -> Iterator[np
     slot ``<= k``; frames are dropped or repeated, never blended.
     """
     name = Path(path).name
-    container = _open_input(path, "video file")
+    container = open_input(path, "video file")
     try:
         if not container.streams.video:
             raise MediaError(f"video file {name} has no video stream")
@@ -231,7 +232,7 @@ class MediaInfo:
 def probe(path: str | Path) -> MediaInfo:
     """Stream parameters, and frame count and durations counted by demuxing packets."""
     name = Path(path).name
-    with _open_input(path, "media file") as container:
+    with open_input(path, "media file") as container:
         video = container.streams.video[0] if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None
         spans = {s.index: _Span() for s in (video, audio) if s is not None}

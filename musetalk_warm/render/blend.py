@@ -48,11 +48,12 @@ def _place(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The face warped into a ``size`` (w, h) region at ``origin``: (premultiplied BGR, alpha).
 
-    An upright whole-pixel box goes through ``cv2.resize`` (INTER_LINEAR), exactly
-    as upstream; anything else through ``cv2.warpAffine`` with an alpha channel.
+    A 256² face on an upright whole-pixel box goes through ``cv2.resize``
+    (INTER_LINEAR), exactly as upstream; anything else (another face size, such
+    as an enhanced 512² crop) through ``cv2.warpAffine`` with an alpha channel.
     """
     w, h = size
-    if upright_box(t) is not None:
+    if face.shape[:2] == (CROP_SIZE, CROP_SIZE) and upright_box(t) is not None:
         bw, bh = int(round(t[0, 0] * CROP_SIZE)), int(round(t[1, 1] * CROP_SIZE))
         bx = int(round(t[0, 2] - 0.5 * t[0, 0] + 0.5)) - origin[0]
         by = int(round(t[1, 2] - 0.5 * t[1, 1] + 0.5)) - origin[1]
@@ -181,7 +182,8 @@ def composite(
 
     Args:
         frame: ``[H,W,3]`` uint8 BGR (not modified).
-        face: ``[256,256,3]`` uint8 BGR generated face crop.
+        face: ``[256,256,3]`` uint8 BGR generated face crop (any square size for
+            ``feather``, ``poisson`` and a ``transform`` made for that size).
         transform: ``[2,3]`` face-crop → frame map (:mod:`musetalk_warm.avatars.stabilise`).
         mask: uint8 ``[2s,2s]`` blend mask over ``crop_box``.
         crop_box: ``x1,y1,x2,y2`` of the mask (may leave the frame).
