@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from ..render.engine import MouthRenderer
 from ..render.blend import composite_face
 from ..render.mixed import FrameJob, generate_faces
+from ..render.visemes import Timed
 from .clock import Clock
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,10 @@ class FrameScheduler:
         """Wait until nothing is queued or running."""
         await self._idle.wait()
 
-    async def condition(self, audio16k: np.ndarray, fps: int) -> Sequence[Any]:
-        """The renderer's per-frame conditioning of ``audio16k``, computed on the accelerator thread."""
-        return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps))
+    async def condition(self, audio16k: np.ndarray, fps: int, phones: Sequence[Timed] | None = None) -> Sequence[Any]:
+        """The renderer's per-frame conditioning of ``audio16k`` (and the phonemes spoken in it,
+        when known), computed on the accelerator thread."""
+        return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps, phones))
 
     async def calibrate(self, avatar: Avatar, frames: int) -> None:
         """Render one batch of silence to measure what a frame costs."""
