@@ -116,6 +116,7 @@ def test_openai_engine_posts_request_and_decodes_wav() -> None:
     tts = OpenAITTS("http://tts.local/v1", "tts-x", "nova", api_key="k", transport=_endpoint(handler))
     samples, rate = tts.synthesize("Hi there")
     assert rate == 24000 and len(samples) == 36000
+    assert tts.synthesize_timed("Hi there").phones is None  # an endpoint reports no phoneme timings
     assert str(seen[0].url) == "http://tts.local/v1/audio/speech"
     assert seen[0].headers["authorization"] == "Bearer k"
     assert json.loads(seen[0].read()) == {
