@@ -14,11 +14,14 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from .config import ModelSettings, Settings, apply_assignments, load_settings
 from .errors import BadInput, ConfigError, MuseTalkWarmError
+
+if TYPE_CHECKING:
+    from .voice.tts import Speech
 
 DEMO_TEXT = (
     "Hello! I am a warm talking head. I keep my models loaded, so every new sentence "
@@ -117,15 +120,16 @@ def _cmd_prep(args: argparse.Namespace) -> None:
     })
 
 
-def _speech(settings: Settings, text: str | None, audio_path: str | None) -> tuple[Any, int]:
-    """(samples, rate) from an audio file or from text via the configured TTS."""
+def _speech(settings: Settings, text: str | None, audio_path: str | None) -> Speech:
+    """Speech from an audio file, or from text via the configured TTS (with phoneme timings
+    where it reports them, so the lite renderer articulates from them)."""
+    from .voice.tts import Speech, load_tts
+
     if audio_path:
         from .media.audio import load_audio_native
 
-        return load_audio_native(Path(audio_path), max_seconds=settings.server.max_audio_seconds)
-    from .voice.tts import load_tts
-
-    return load_tts(settings.tts).synthesize(text or DEMO_TEXT)
+        return Speech(*load_audio_native(Path(audio_path), max_seconds=settings.server.max_audio_seconds))
+    return load_tts(settings.tts).synthesize_timed(text or DEMO_TEXT)
 
 
 def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str | None) -> dict[str, Any]:
@@ -138,10 +142,10 @@ def _render_to(settings: Settings, out: Path, text: str | None, audio_path: str 
     runtime = Runtime.load(settings)
     load_s = time.perf_counter() - t0
     try:
-        samples, rate = _speech(settings, text, audio_path)
+        speech = _speech(settings, text, audio_path)
         t1 = time.perf_counter()
-        speech16k, track = speech_tracks(samples, rate, settings.media.audio_rate)
-        result = runtime.render_clip(speech16k, None, 0, out_audio=track)
+        speech16k, track = speech_tracks(speech.samples, speech.rate, settings.media.audio_rate)
+        result = runtime.render_clip(speech16k, None, 0, out_audio=track, phones=speech.phones)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_clip_mp4(result.clip, out)
         return {

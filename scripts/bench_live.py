@@ -39,7 +39,7 @@ from musetalk_warm.live.session import LiveFrame, LiveSession, SessionClosed
 from musetalk_warm.live.transports.mse import LiveFmp4
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.sessions.store import SessionStore
-from musetalk_warm.voice.tts import load_tts
+from musetalk_warm.voice.tts import Speech, load_tts
 
 SENTENCES = [
     "Hello, and welcome back.",
@@ -348,8 +348,8 @@ class RecordedTTS:
         with np.load(path, allow_pickle=False) as data:
             self._clips = {text: (data[f"s{i}"], int(data["rates"][i])) for i, text in enumerate(SENTENCES)}
 
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        return self._clips[text]
+    def synthesize_timed(self, text: str) -> Speech:
+        return Speech(*self._clips[text])
 
 
 def write_speech(path: Path) -> None:

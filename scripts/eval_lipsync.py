@@ -1,15 +1,17 @@
 """Lip-sync quality of both renderers on espeak speech with pauses.
 
-Renders two espeak-ng sentences joined by 1.2 s of silence with the lite
-renderer and with seeded random-init ("tiny") MuseTalk on the built-in demo
-avatar, writes the clips, and scores each: SyncNet offset / LSE-D / LSE-C
+Renders two espeak-ng sentences joined by 1.2 s of silence (each sentence's
+phoneme timings moved to where it lands) with the lite renderer and with
+seeded random-init ("tiny") MuseTalk on the built-in demo avatar, through
+``Runtime.render_clip`` as text is rendered, writes the clips, and scores each: SyncNet offset / LSE-D / LSE-C
 (official LatentSync weights when ``MODELS_DIR/syncnet/latentsync_syncnet.pt``
 exists, else the random-init tiny SyncNet, labelled), mouth opening vs frame
 energy, and the mouth opening during the pause against the source frame, in
 face heights. Measures the lite renderer's articulation on espeak-ng
-sentences rich in rounded and spread vowels and m/b/p, from landmarks on its
-output against espeak-ng's phoneme timings, with the phonemes as the hint (text)
-and without (spectral cues, as for uploaded audio). Also times the lite
+sentences rich in rounded and spread vowels and m/b/p, from landmarks on the
+composited frames of ``RenderEngine.render`` against espeak-ng's phoneme
+timings, with the phonemes passed (text) and without (spectral cues, as for
+uploaded audio). Also times the lite
 renderer at 512² on one CPU core. Writes ``results/eval_lipsync.json``.
 
     python -m scripts.eval_lipsync [--models-dir models] [--out results/eval_lipsync.json]
@@ -20,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +29,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 
-from musetalk_warm.config import load_settings
+from musetalk_warm.config import Settings, load_settings
+from musetalk_warm.media.audio import resample
 from musetalk_warm.media.encode import write_clip_mp4
 from musetalk_warm.quality.articulation import articulation
 from musetalk_warm.quality.clip import score_clip, track_faces
@@ -41,7 +40,8 @@ from musetalk_warm.quality.mouth import face_height, mouth_opening
 from musetalk_warm.quality.syncnet import WEIGHTS_PATH, load_syncnet, tiny_syncnet
 from musetalk_warm.render.lite import LiteRenderer
 from musetalk_warm.render.runtime import Runtime
-from musetalk_warm.voice.phonemes import speak_with_phones
+from musetalk_warm.voice.phonemes import Phone, shifted
+from musetalk_warm.voice.tts import EspeakTTS
 
 FPS, SR = 25, 16000
 SENTENCES = ("Good morning, everyone.", "Let us begin the meeting.")
@@ -52,27 +52,35 @@ ARTICULATION_TEXT = (
 )
 
 
-def paused_speech(folder: Path) -> tuple[np.ndarray, slice]:
-    """The espeak sentences with a pause between them, and the pause's inner frames."""
-    parts = []
+def paused_speech(tts: EspeakTTS) -> tuple[np.ndarray, tuple[Phone, ...], slice]:
+    """The espeak sentences with a pause between them (16 kHz), their phones, and the pause's inner frames."""
+    parts: list[np.ndarray] = []
+    phones: tuple[Phone, ...] = ()
+    at = 0.0  # where the next sentence starts, in seconds
     for i, text in enumerate(SENTENCES):
-        wav = folder / f"{i}.wav"
-        subprocess.run([shutil.which("espeak-ng") or "espeak-ng", "-v", "en-us", "-w", str(wav), text], check=True)
-        data, rate = sf.read(str(wav), dtype="float32", always_2d=True)
-        parts.append(soxr.resample(data.mean(axis=1), rate, SR).astype(np.float32))
-    audio = np.concatenate([parts[0], np.zeros(int(PAUSE_S * SR), np.float32), parts[1]])
+        if i:
+            parts.append(np.zeros(int(PAUSE_S * SR), np.float32))
+            at += PAUSE_S
+        speech = tts.synthesize_timed(text)
+        parts.append(resample(speech.samples, speech.rate, SR))
+        phones += shifted(speech.phones or (), at)
+        at += len(speech.samples) / speech.rate
     start = len(parts[0]) / SR * FPS
-    return audio, slice(int(start) + 8, int(start + PAUSE_S * FPS) - 8)  # past hangover and ramp
+    return np.concatenate(parts), phones, slice(int(start) + 8, int(start + PAUSE_S * FPS) - 8)  # past hangover and ramp
 
 
-def evaluate(renderer: str, audio: np.ndarray, pause: slice, folder: Path, model: Any) -> dict[str, Any]:
-    settings = load_settings(None, {
+def _settings(folder: Path, renderer: str) -> Settings:
+    return load_settings(None, {
         "avatar": {"cache_dir": str(folder / "avatars")},
         "models": {"renderer": renderer, "models_dir": str(folder / "models")},
     })
-    runtime = Runtime.load(settings)
+
+
+def evaluate(renderer: str, audio: np.ndarray, phones: tuple[Phone, ...], pause: slice, folder: Path,
+             model: Any) -> dict[str, Any]:
+    runtime = Runtime.load(_settings(folder, renderer))
     try:
-        result = runtime.render_clip(audio, None, 0)
+        result = runtime.render_clip(audio, None, 0, phones=phones)
         avatar = runtime.avatar(None)
     finally:
         runtime.close()
@@ -97,8 +105,7 @@ def _decode(path: Path) -> list[np.ndarray]:
 
 
 def _demo_avatar(folder: Path) -> Any:
-    settings = load_settings(None, {"avatar": {"cache_dir": str(folder / "avatars")}, "models": {"renderer": "lite"}})
-    runtime = Runtime.load(settings)
+    runtime = Runtime.load(_settings(folder, "lite"))
     try:
         return runtime.avatar(None)
     finally:
@@ -112,15 +119,21 @@ def _render_lite(avatar: Any, cond: np.ndarray, batch: int = 16) -> np.ndarray:
                            for i in range(0, len(cond), batch)])
 
 
-def lite_articulation(folder: Path) -> dict[str, Any]:
-    """Width on rounded vs spread vowels and closure on m/b/p, landmarks on the lite output's face crops."""
-    avatar = _demo_avatar(folder)
-    audio, rate, phones = speak_with_phones(ARTICULATION_TEXT)
-    audio = soxr.resample(audio, rate, SR).astype(np.float32)
-    report: dict[str, Any] = {"text": ARTICULATION_TEXT}
-    for name, hint in (("phonemes", phones), ("spectral", None)):
-        faces = _render_lite(avatar, LiteRenderer().condition(audio, avatar.fps, hint))
-        report[name] = articulation(track_faces(faces), phones, avatar.fps)
+def lite_articulation(folder: Path, tts: EspeakTTS) -> dict[str, Any]:
+    """Width on rounded vs spread vowels and closure on m/b/p, from landmarks on the composited
+    frames the render engine makes of the TTS's speech, with its phones passed and without."""
+    speech = tts.synthesize_timed(ARTICULATION_TEXT)
+    assert speech.phones is not None
+    audio = resample(speech.samples, speech.rate, SR)
+    report: dict[str, Any] = {"text": ARTICULATION_TEXT, "path": "RenderEngine.render, composited frames"}
+    runtime = Runtime.load(_settings(folder, "lite"))
+    try:
+        avatar = runtime.avatar(None)
+        for name, phones in (("phonemes", speech.phones), ("spectral", None)):
+            frames = np.stack(list(runtime.engine.render(audio, avatar, 0, phones=phones)))
+            report[name] = articulation(track_faces(frames), speech.phones, avatar.fps)
+    finally:
+        runtime.close()
     return report
 
 
@@ -149,11 +162,12 @@ def main() -> None:
     model, label = (load_syncnet(weights), weights.name) if weights.is_file() else (tiny_syncnet(), "tiny (random)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        audio, pause = paused_speech(folder)
-        rows = [evaluate(name, audio, pause, folder, model) for name in ("lite", "tiny")]
+        tts = EspeakTTS()
+        audio, phones, pause = paused_speech(tts)
+        rows = [evaluate(name, audio, phones, pause, folder, model) for name in ("lite", "tiny")]
         report = {"syncnet": label, "machine": platform.processor() or platform.machine(),
                   "pause_frames": [pause.start, pause.stop], "clips": rows,
-                  "lite_articulation": lite_articulation(folder), "lite_speed": lite_speed(folder)}
+                  "lite_articulation": lite_articulation(folder, tts), "lite_speed": lite_speed(folder)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -29,6 +29,27 @@ def test_render_from_an_audio_file(tmp_path: Path, speech_wav: Path, capsys: pyt
     assert report["frames"] >= math.floor(info.audio_duration * 25) - 1
 
 
+def test_render_passes_phoneme_timings_for_text_only(
+    tmp_path: Path, speech_wav: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from musetalk_warm.render.runtime import Runtime
+
+    seen: list = []
+    render_clip = Runtime.render_clip
+
+    def recorded(self: Runtime, *args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("phones"))
+        return render_clip(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "render_clip", recorded)
+    assert main(["render", "--text", "Bob bought a map.", "--out", str(tmp_path / "t.mp4"), *_common(tmp_path)]) == 0
+    assert main(["render", "--audio", str(speech_wav), "--out", str(tmp_path / "a.mp4"), *_common(tmp_path)]) == 0
+    capsys.readouterr()
+    symbols = [p.symbol for p in seen[0]]
+    assert symbols[0] == "b" and "m" in symbols and symbols[-2] == "p"
+    assert seen[1] is None  # a recording keeps the spectral path
+
+
 def test_demo_with_text_and_prep_is_a_noop_the_second_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

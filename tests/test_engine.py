@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from musetalk_warm.media.decode import probe
 from musetalk_warm.media.encode import write_clip_mp4
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.avatars.stabilise import box_transform
+from musetalk_warm.voice.phonemes import Phone
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +111,10 @@ class _Counting:
         self.attempts: list[int] = []
         self.name = inner.name
 
-    def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
+    def condition(self, audio: np.ndarray, fps: int, phones: Sequence[Phone] | None = None) -> np.ndarray:
         if self.max_audio is not None and len(audio) > self.max_audio:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self.inner.condition(audio, fps)
+        return self.inner.condition(audio, fps, phones)
 
     def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:
         self.calls += 1
@@ -176,7 +178,7 @@ class _Echo:
 
     name = "echo"
 
-    def condition(self, audio: np.ndarray, fps: int) -> np.ndarray:
+    def condition(self, audio: np.ndarray, fps: int, phones: Sequence[Phone] | None = None) -> np.ndarray:
         return np.zeros(math.floor(len(audio) / 16000 * fps))
 
     def generate(self, avatar: Avatar, cond: np.ndarray, src_idx: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from musetalk_warm.live.utterance import LOOKAHEAD_FRAMES, Utterance
+from musetalk_warm.voice.phonemes import Phone
 from musetalk_warm.models.features import audio_prompts
 from musetalk_warm.render.lite import LiteRenderer
 
@@ -21,7 +22,7 @@ def streamed(condition: Callable[[np.ndarray, int], Any], audio: np.ndarray) -> 
     """Conditioning as a live PCM stream computes it: one frame of audio at a time, updated every hop."""
 
     async def run() -> list:
-        async def cond(window: np.ndarray, fps: int) -> Sequence[Any]:
+        async def cond(window: np.ndarray, fps: int, phones: Sequence[Phone] | None) -> Sequence[Any]:
             return condition(window, fps)
 
         utt = Utterance(FPS, 48000)
@@ -47,7 +48,7 @@ def test_whole_utterances_condition_exactly_as_clips(tiny_models, speech_16k: np
     audio = speech_16k[: 16000 * 3 + 123]
 
     async def run() -> list:
-        async def cond(window: np.ndarray, fps: int) -> Sequence[Any]:
+        async def cond(window: np.ndarray, fps: int, phones: Sequence[Phone] | None) -> Sequence[Any]:
             return audio_prompts(tiny_models, window, fps)
 
         utt = Utterance(FPS, 48000, tail_frames=3)

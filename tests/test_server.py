@@ -26,6 +26,7 @@ from musetalk_warm.server import create_app
 from musetalk_warm.server.routes import jobs
 from musetalk_warm.voice import llm as llm_client
 from musetalk_warm.server.schemas import JobStatus
+from musetalk_warm.voice.tts import Speech
 
 FPS = 25
 CYCLE = 50  # the one-second demo avatar: 25 frames, cycled forward and back
@@ -420,9 +421,9 @@ class _LongTTS:
 
     name = "long"
 
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    def synthesize_timed(self, text: str) -> Speech:
         t = np.arange(3 * 16000) / 16000
-        return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000
+        return Speech((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
 
 
 def test_tts_output_over_the_audio_limit_is_refused(

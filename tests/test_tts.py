@@ -14,6 +14,7 @@ import soundfile as sf
 from musetalk_warm.config import TTSSettings
 from musetalk_warm.errors import ConfigError, DependencyMissing, TextError, TTSError
 from musetalk_warm.server import speaking
+from musetalk_warm.voice import phonemes
 from musetalk_warm.voice.tts import (
     TTS,
     EspeakTTS,
@@ -67,9 +68,26 @@ def test_espeak_empty_text(espeak: EspeakTTS) -> None:
         espeak.synthesize("   \n")
 
 
-def test_espeak_missing_binary() -> None:
+def test_espeak_missing_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(name: str) -> None:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    # The loader itself, uncached: the library may start only once per process.
+    monkeypatch.setattr(phonemes.ctypes, "CDLL", missing)
     with pytest.raises(DependencyMissing, match="apt-get install espeak-ng"):
-        EspeakTTS(executable="espeak-ng-not-installed")
+        phonemes._library.__wrapped__()
+    monkeypatch.setattr(phonemes, "_library", phonemes._library.__wrapped__)
+    with pytest.raises(DependencyMissing, match="espeak-ng is not installed"):
+        EspeakTTS()
+
+
+def test_espeak_reports_the_phonemes_of_its_audio(espeak: EspeakTTS) -> None:
+    speech = espeak.synthesize_timed("Bob moved the blue boots.")
+    assert speech.phones is not None and [p.symbol for p in speech.phones[:3]] == ["b", "0", "b"]
+    assert speech.phones[-1].end == pytest.approx(len(speech.samples) / speech.rate)
+    # The configured speed is the library's too: slower speech, later phones.
+    slow = EspeakTTS(speed_wpm=120).synthesize_timed("Bob moved the blue boots.")
+    assert slow.phones is not None and slow.phones[-1].end > 1.2 * speech.phones[-1].end
 
 
 def test_espeak_unknown_voice() -> None:
@@ -98,6 +116,7 @@ def test_openai_engine_posts_request_and_decodes_wav() -> None:
     tts = OpenAITTS("http://tts.local/v1", "tts-x", "nova", api_key="k", transport=_endpoint(handler))
     samples, rate = tts.synthesize("Hi there")
     assert rate == 24000 and len(samples) == 36000
+    assert tts.synthesize_timed("Hi there").phones is None  # an endpoint reports no phoneme timings
     assert str(seen[0].url) == "http://tts.local/v1/audio/speech"
     assert seen[0].headers["authorization"] == "Bearer k"
     assert json.loads(seen[0].read()) == {

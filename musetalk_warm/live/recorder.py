@@ -45,7 +45,9 @@ class _ShownFrames:
 
     def render_clip(self, audio16k: np.ndarray, avatar_id: str | None, start_frame: int, *,
                     out_audio: np.ndarray | None = None, prev_tail: np.ndarray | None = None,
-                    render: RenderSettings | None = None, on_fragment: Any = None) -> RenderedClip:
+                    render: RenderSettings | None = None, on_fragment: Any = None,
+                    phones: Any = None) -> RenderedClip:
+        """The shown frames and their audio as one clip (already rendered: speech and phones unused)."""
         t0 = time.perf_counter()
         track = np.concatenate([f.audio for f in self._frames]).astype(np.float32) / 32768.0
         height, width = self._frames[0].image.shape[:2]

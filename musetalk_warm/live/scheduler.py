@@ -29,6 +29,7 @@ from ..render.engine import MouthRenderer
 from ..render.blend import composite_face
 from ..render import silence
 from ..render.mixed import DeviceFrames, FrameJob, generate_faces, hold_silent_faces, render_on_device
+from ..render.visemes import Timed
 from .clock import Clock
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,10 @@ class FrameScheduler:
         """Wait until nothing is queued or running."""
         await self._idle.wait()
 
-    async def condition(self, audio16k: np.ndarray, fps: int) -> Sequence[Any]:
-        """The renderer's per-frame conditioning of ``audio16k``, computed on the accelerator thread."""
-        return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps))
+    async def condition(self, audio16k: np.ndarray, fps: int, phones: Sequence[Timed] | None = None) -> Sequence[Any]:
+        """The renderer's per-frame conditioning of ``audio16k`` (and the phonemes spoken in it,
+        when known), computed on the accelerator thread."""
+        return await asyncio.wrap_future(self._run_on(self.renderer.condition, audio16k, fps, phones))
 
     async def pauses(self, audio16k: np.ndarray, fps: int, count: int) -> np.ndarray:
         """Per frame of ``audio16k``, the share of the source mouth that silence shows (voice activity

@@ -32,7 +32,7 @@ from ..media.audio import speech_tracks
 from ..metrics import Metrics
 from ..render.mixed import FrameJob, face_region, mix_frames
 from ..voice.sentences import SentenceSplitter
-from ..voice.tts import TTS, check_text
+from ..voice.tts import TTS, Speech, check_text
 from .clock import Clock
 from .pcm import PcmInput
 from .scheduler import FrameRequest, FrameScheduler
@@ -423,13 +423,15 @@ class LiveSession:
 
     async def _synthesise(self, sentence: str) -> Utterance:
         assert self.tts is not None
-        samples, rate = await anyio.to_thread.run_sync(self.tts.synthesize, sentence)
-        return await self._prepare(samples, rate, sentence)
+        speech = await anyio.to_thread.run_sync(self.tts.synthesize_timed, sentence)
+        return await self._prepare(speech, sentence)
 
-    async def _prepare(self, samples: np.ndarray, rate: int, text: str | None) -> Utterance:
-        speech16k, track = await anyio.to_thread.run_sync(speech_tracks, samples, rate, self.audio_rate)
+    async def _prepare(self, speech: Speech, text: str | None) -> Utterance:
+        """One utterance of ``speech``, conditioned whole (with its phonemes, when from text)."""
+        speech16k, track = await anyio.to_thread.run_sync(speech_tracks, speech.samples, speech.rate,
+                                                          self.audio_rate)
         utt = self._utterance(text)
-        utt.add_audio(speech16k, track)
+        utt.add_audio(speech16k, track, speech.phones)
         utt.end()
         # The first frames' pauses are read beside the conditioning; the rest while they play.
         await asyncio.gather(utt.update_conditioning(self.scheduler.condition),
@@ -447,7 +449,7 @@ class LiveSession:
         reply, epoch = Reply(uuid.uuid4().hex[:12]), self._epoch
 
         async def run() -> None:
-            utt = await self._prepare(samples, rate, text)
+            utt = await self._prepare(Speech(samples, rate), text)
             if epoch == self._epoch:
                 self._enqueue(utt)
 

@@ -6,7 +6,8 @@ conditioning and at the output rate for what the viewer hears, one slice of
 streamed PCM arrives in chunks, and frame ``i`` is conditioned as soon as the
 audio up to frame ``i + LOOKAHEAD_FRAMES`` exists (MuseTalk's Whisper window
 reaches two frames ahead), over the audio of its 30 s segment so far (see
-docs/NUMERICS.md, "Streamed audio features").
+docs/NUMERICS.md, "Streamed audio features"). Speech from TTS may carry its
+phoneme timings, which go with the audio into the conditioning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..media.audio import SAMPLE_RATE
+from ..voice.phonemes import Phone, shifted
 
 LOOKAHEAD_FRAMES = 2
 # Voice activity (the source mouth in pauses) is computed over the new frames plus this
@@ -27,7 +29,7 @@ LOOKAHEAD_FRAMES = 2
 PAUSE_CONTEXT_FRAMES = 8
 SEGMENT_S = 30  # Whisper's input window: the whole-clip path conditions 30 s segments separately
 
-Condition = Callable[[np.ndarray, int], Awaitable[Sequence[Any]]]
+Condition = Callable[[np.ndarray, int, Sequence[Phone] | None], Awaitable[Sequence[Any]]]
 Pauses = Callable[[np.ndarray, int, int], Awaitable[np.ndarray]]
 
 
@@ -73,15 +75,19 @@ class Utterance:
         self.track = _Samples()
         self.cond: list[Any] = []
         self.hold: list[float] = []  # per frame: share of the source mouth (silence); see render/silence.py
+        self.phones: tuple[Phone, ...] | None = None  # spans in seconds from the utterance's start
         self.ended = False
         self.total_frames: int | None = None
         self.started = False
         self.finished = False
 
-    def add_audio(self, speech16k: np.ndarray, track: np.ndarray) -> None:
-        """Append the same speech at 16 kHz and at the output rate."""
+    def add_audio(self, speech16k: np.ndarray, track: np.ndarray, phones: Sequence[Phone] | None = None) -> None:
+        """Append the same speech at 16 kHz and at the output rate, and the phonemes spoken
+        in it (spans from its first sample; they move to where it lands in the utterance)."""
         if self.ended:
             raise ValueError("the utterance has ended")
+        if phones is not None:
+            self.phones = (self.phones or ()) + shifted(phones, self.speech16k.size / SAMPLE_RATE)
         self.speech16k.extend(speech16k)
         self.track.extend(track)
 
@@ -115,7 +121,7 @@ class Utterance:
 
     def _target(self) -> int:
         """Frames that can be conditioned now: all once ended, else those with their look-ahead."""
-        return self.total_frames or 0 if self.ended else max(0, self.audio_frames - LOOKAHEAD_FRAMES)
+        return (self.total_frames or 0) if self.ended else max(0, self.audio_frames - LOOKAHEAD_FRAMES)
 
     @property
     def planned_all(self) -> bool:
@@ -150,7 +156,8 @@ class Utterance:
         start = first * SAMPLE_RATE // self.fps
         stop = None if self.ended else self.audio_frames * SAMPLE_RATE // self.fps
         window = np.array(self.speech16k.view(start, stop))
-        cond = await condition(window, self.fps)
+        phones = None if self.phones is None else shifted(self.phones, -start / SAMPLE_RATE)
+        cond = await condition(window, self.fps, phones)
         self.cond.extend(cond[done - first : target - first])
         return len(self.cond) - done
 

@@ -26,6 +26,7 @@ from ..media.audio import SAMPLE_RATE
 from ..avatars.cache import Avatar
 from ..config import RenderSettings
 from ..errors import AvatarCacheError, ResourceExhausted
+from .visemes import Timed
 
 if TYPE_CHECKING:
     from ..models.musetalk import Models
@@ -40,8 +41,12 @@ class MouthRenderer(Protocol):
 
     name: str
 
-    def condition(self, audio: np.ndarray, fps: int) -> Sequence[Any]:
-        """Per-frame conditioning of 16 kHz mono float32 audio (one item per video frame)."""
+    def condition(self, audio: np.ndarray, fps: int, phones: Sequence[Timed] | None = None) -> Sequence[Any]:
+        """Per-frame conditioning of 16 kHz mono float32 audio (one item per video frame).
+
+        ``phones``: the phonemes spoken in ``audio`` with their spans in seconds, when
+        the speech was synthesised from text; a renderer may use them or ignore them.
+        """
         ...
 
     def generate(self, avatar: Avatar, cond: Any, src_idx: np.ndarray) -> np.ndarray:
@@ -72,7 +77,8 @@ class MuseTalkRenderer:
         """Compile and capture every batch bucket (seconds once; cached compiles on restart)."""
         self.accelerator.warmup()
 
-    def condition(self, audio: np.ndarray, fps: int) -> Any:
+    def condition(self, audio: np.ndarray, fps: int, phones: Sequence[Timed] | None = None) -> Any:
+        """Whisper audio prompts; MuseTalk learnt the mouth from the audio, so ``phones`` is unused."""
         from ..models.features import audio_prompts
 
         return audio_prompts(self.models, audio, fps)
@@ -186,6 +192,7 @@ class RenderEngine:
         *,
         settings: RenderSettings | None = None,
         stats: RenderStats | None = None,
+        phones: Sequence[Timed] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield one BGR frame per ``floor(len(audio)/16000*fps)``.
 
@@ -193,12 +200,14 @@ class RenderEngine:
         ``start + n`` to continue the next clip where this one ended. Faces are
         pasted at the avatar's placements (fixed at prep, with its stabiliser
         settings); ``settings`` chooses the blend mode and whether a fractional
-        placement is kept or rounded to whole pixels.
+        placement is kept or rounded to whole pixels. ``phones``: the phonemes
+        spoken in ``audio`` (spans in seconds from its first sample), for renderers
+        that articulate from them.
         """
         settings = settings or self.settings
         stats = stats if stats is not None else RenderStats()
         t0 = time.perf_counter()
-        cond = self._accelerator.submit(self._condition, audio, avatar.fps).result()
+        cond = self._accelerator.submit(self._condition, audio, avatar.fps, phones).result()
         stats.add("condition_s", time.perf_counter() - t0)
         sources = avatar.source_index(start + np.arange(len(cond), dtype=np.int64))
         hold = np.zeros(len(cond), np.float32)
@@ -206,9 +215,9 @@ class RenderEngine:
             hold = silence.hold_weights(audio, avatar.fps, len(cond), settings.silence_ramp_frames)
         yield from self._pipeline(avatar, cond, sources, settings, stats, hold)
 
-    def _condition(self, audio: np.ndarray, fps: int) -> Any:
+    def _condition(self, audio: np.ndarray, fps: int, phones: Sequence[Timed] | None) -> Any:
         try:
-            return self.renderer.condition(audio, fps)
+            return self.renderer.condition(audio, fps, phones)
         except Exception as exc:
             if not _is_oom(exc):
                 raise

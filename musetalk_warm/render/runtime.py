@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from ..config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
 from ..errors import AudioError, AvatarCacheError, ConfigError, NotFound
 from ..media.audio import SAMPLE_RATE, num_frames
+from .visemes import Timed
 
 if TYPE_CHECKING:
     from ..models.musetalk import Models
@@ -177,6 +178,7 @@ class Runtime:
         prev_tail: np.ndarray | None = None,
         render: RenderSettings | None = None,
         on_fragment: Callable[[bytes, media.Fragment], None] | None = None,
+        phones: Sequence[Timed] | None = None,
     ) -> RenderedClip:
         """Render and encode ``audio16k`` (16 kHz mono float32) as one clip.
 
@@ -186,11 +188,13 @@ class Runtime:
         ``media.audio_rate`` for the output track (resampled from ``audio16k``
         when omitted). ``on_fragment(init_segment, fragment)`` is called for each
         media fragment as soon as it is encoded, while later frames still render.
+        ``phones``: the phonemes spoken in ``audio16k`` when it was synthesised from
+        text (spans in seconds; the trailing padding keeps them).
         """
         key = self.avatar(avatar_id).avatar_id
         with self.library.lease(key) as avatar:
             return self._render_clip(avatar, audio16k, start_frame, out_audio=out_audio, prev_tail=prev_tail,
-                                     render=render, on_fragment=on_fragment)
+                                     render=render, on_fragment=on_fragment, phones=phones)
 
     def _render_clip(
         self,
@@ -202,6 +206,7 @@ class Runtime:
         prev_tail: np.ndarray | None,
         render: RenderSettings | None,
         on_fragment: Callable[[bytes, media.Fragment], None] | None,
+        phones: Sequence[Timed] | None,
     ) -> RenderedClip:
         fps = avatar.fps
         if num_frames(len(audio16k), fps) < 1:
@@ -232,7 +237,8 @@ class Runtime:
 
         with media.ClipEncoder(width, height, fps, self.settings.media, audio=track, prev_tail=prev_tail,
                                on_fragment=forward) as encoder:
-            for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats):
+            for frame in self.engine.render(speech, avatar, start_frame, settings=render, stats=stats,
+                                            phones=phones):
                 t1 = time.perf_counter()
                 encoder.add_frame(frame)
                 encode_s += time.perf_counter() - t1

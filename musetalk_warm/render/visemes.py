@@ -55,13 +55,17 @@ def shapes_from_phones(phones: Iterable[Timed], fps: int, count: int, lead_s: fl
     """
     out = np.zeros((count, SHAPE_CHANNELS), np.float32)
     times = (np.arange(count) + 0.5) / fps + lead_s
+    closures: list[int] = []
     for phone in phones:
         inside = (times >= phone.start) & (times < phone.end)
         shape = phone_shape(phone.symbol)
         out[inside] = shape
         if shape[2] == 1.0 and count:
-            middle = int(np.clip(round((phone.start + phone.end) / 2 * fps - 0.5 - lead_s * fps), 0, count - 1))
-            out[middle] = shape
+            closures.append(int(np.clip(round((phone.start + phone.end) / 2 * fps - 0.5 - lead_s * fps),
+                                        0, count - 1)))
+    # After every span is painted, so a neighbouring phone cannot take the frame back
+    # (a bilabial at the very start leads into frame 0, which the next phone covers).
+    out[closures] = (0.0, 0.0, 1.0)
     return out
 
 

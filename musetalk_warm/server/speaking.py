@@ -25,7 +25,8 @@ from ..errors import TextError, TooManyRequests
 from ..media.fmp4 import Fragment
 from ..sessions.housekeeping import session_count
 from ..sessions.store import SpeakResult, check_session_id
-from ..voice.tts import check_text
+from ..voice.phonemes import Phone
+from ..voice.tts import Speech, check_text
 from .deps import signer
 from .schemas import SpeakResponse
 from .signing import Signer
@@ -75,18 +76,29 @@ def check_room_for(warm: Warm, session_id: str) -> None:
         )
 
 
-def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """(16 kHz speech, speech at the output audio rate, timings) for an utterance."""
+@dataclass(frozen=True)
+class _Speech:
+    """An utterance's speech at 16 kHz and at the output rate, and its phonemes when from text."""
+
+    speech16k: np.ndarray
+    track: np.ndarray
+    phones: tuple[Phone, ...] | None
+    timings: dict[str, float]
+
+
+def _speech(warm: Warm, utterance: Utterance) -> _Speech:
+    """The speech of an utterance: synthesised (with phoneme timings where the TTS
+    reports them) or decoded from the upload (none: the renderer reads the audio alone)."""
     _, tts = warm.require_ready()
     settings = warm.settings
     out_rate = settings.media.audio_rate
     timings: dict[str, float] = {"tts": 0.0}
     t0 = time.perf_counter()
     if utterance.text is not None:
-        samples, rate = tts.synthesize(utterance.text)
+        spoken = tts.synthesize_timed(utterance.text)
         timings["tts"] = time.perf_counter() - t0
         # The same cap as uploads: a long text must not render minutes of video.
-        seconds = len(samples) / rate
+        seconds = len(spoken.samples) / spoken.rate
         if seconds > settings.server.max_audio_seconds:
             raise TextError(
                 f"the speech for this text is {seconds:.1f} s long; the maximum is "
@@ -94,28 +106,30 @@ def _speech(warm: Warm, utterance: Utterance) -> tuple[np.ndarray, np.ndarray, d
                 hint="send shorter text, split over several /speak calls",
             )
     else:
-        samples, rate = load_audio_native(
+        spoken = Speech(*load_audio_native(
             utterance.audio or b"",
             min_seconds=max(MIN_SECONDS, 1.0 / settings.avatar.fps), max_seconds=settings.server.max_audio_seconds,
-        )
+        ))
     t1 = time.perf_counter()
-    speech16k, track = speech_tracks(samples, rate, out_rate)
+    # Phone spans are in seconds, so resampling keeps them.
+    speech16k, track = speech_tracks(spoken.samples, spoken.rate, out_rate)
     timings["audio"] = time.perf_counter() - t1
-    return speech16k, track, timings
+    return _Speech(speech16k, track, spoken.phones, timings)
 
 
 def _speak_sync(
     warm: Warm, utterance: Utterance, session_id: str, on_fragment: FragmentSink | None = None
 ) -> tuple[SpeakResult, dict[str, float]]:
     t0 = time.perf_counter()
-    speech16k, track, timings = _speech(warm, utterance)
+    speech = _speech(warm, utterance)
+    timings = speech.timings
     runtime, _ = warm.require_ready()
     render = None
     if utterance.blend_mode is not None:
         render = warm.settings.render.model_copy(update={"blend_mode": utterance.blend_mode})
     result = warm.store.speak(
-        session_id, speech16k, utterance.avatar_id, runtime,
-        out_audio=track, render=render, on_fragment=on_fragment,
+        session_id, speech.speech16k, utterance.avatar_id, runtime,
+        out_audio=speech.track, render=render, on_fragment=on_fragment, phones=speech.phones,
     )
     for stage, seconds in result.timings.items():
         # The runtime's own "audio" (padding) adds to decoding/resampling.

@@ -53,9 +53,10 @@ from ..media.encode import write_clip_mp4
 from ..media.session_video import SessionVideo
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from ..render.runtime import Runtime
+    from ..render.visemes import Timed
 
 STATE_FILE = "state.json"
 VIDEO_FILE = "full_session.mp4"
@@ -339,6 +340,7 @@ class SessionStore:
         create: bool = True,
         render: RenderSettings | None = None,
         on_fragment: Callable[[bytes, Fragment], None] | None = None,
+        phones: Sequence[Timed] | None = None,
     ) -> SpeakResult:
         """Render speech as the session's next clip and append it, all or nothing.
 
@@ -346,6 +348,7 @@ class SessionStore:
         for a new session). Raises NotFound for an unknown session when
         ``create`` is False, BadInput when the avatar differs from the one the
         session started with (its frames would not stream-copy together).
+        ``phones``: the phonemes spoken in ``audio16k`` when it came from text.
         """
         with self.lock(session_id):
             if create:
@@ -361,7 +364,7 @@ class SessionStore:
             video = self._video(session_id, state)
             rendered = runtime.render_clip(
                 audio16k, avatar, state.next_frame, out_audio=out_audio, prev_tail=state.audio_tail,
-                render=render, on_fragment=on_fragment,
+                render=render, on_fragment=on_fragment, phones=phones,
             )
             timings = dict(rendered.timings)
             index = state.clips + 1

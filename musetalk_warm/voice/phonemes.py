@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from ..errors import DependencyMissing, TTSError
 _RETRIEVAL = 1  # AUDIO_OUTPUT_RETRIEVAL: samples come to the callback
 _PHONEME_EVENTS = 0x0001  # espeakINITIALIZE_PHONEME_EVENTS
 _EVENT_LIST_TERMINATED, _EVENT_PHONEME = 0, 7
+_RATE = 1  # espeakRATE: words per minute
 _lock = threading.Lock()  # the library keeps one global synthesiser
 
 
@@ -48,15 +50,20 @@ def _library() -> tuple[ctypes.CDLL, int]:
     try:
         lib = ctypes.CDLL("libespeak-ng.so.1")
     except OSError as exc:
-        raise DependencyMissing("phoneme timing needs the espeak-ng library",
-                                hint="apt-get install espeak-ng") from exc
+        raise DependencyMissing("espeak-ng is not installed",
+                                hint="apt-get install espeak-ng, or set tts.engine") from exc
     rate = lib.espeak_Initialize(_RETRIEVAL, 0, None, _PHONEME_EVENTS)
     if rate <= 0:
         raise TTSError("espeak-ng failed to start")
     return lib, rate
 
 
-def speak_with_phones(text: str, voice: str = "en-us") -> tuple[np.ndarray, int, list[Phone]]:
+def shifted(phones: Iterable[Phone], seconds: float) -> tuple[Phone, ...]:
+    """``phones`` moved ``seconds`` later (earlier when negative), e.g. into a longer track."""
+    return tuple(replace(p, start=p.start + seconds, end=p.end + seconds) for p in phones)
+
+
+def speak_with_phones(text: str, voice: str = "en-us", speed_wpm: int = 175) -> tuple[np.ndarray, int, list[Phone]]:
     """``(float32 samples, rate, phones)`` for ``text``; phone spans tile the speech in order."""
     lib, rate = _library()
     samples: list[np.ndarray] = []
@@ -78,6 +85,7 @@ def speak_with_phones(text: str, voice: str = "en-us") -> tuple[np.ndarray, int,
         lib.espeak_SetSynthCallback(callback)
         if lib.espeak_SetVoiceByName(voice.encode("ascii")) != 0:
             raise TTSError(f"espeak-ng has no voice {voice!r}")
+        lib.espeak_SetParameter(_RATE, speed_wpm, 0)
         if lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None) != 0:
             raise TTSError("espeak-ng could not synthesise the text")
         lib.espeak_Synchronize()

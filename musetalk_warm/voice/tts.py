@@ -1,15 +1,17 @@
 """Text to speech, loaded once: espeak-ng (default, offline) or an OpenAI-compatible endpoint.
 
-Engines return ``(samples, rate)``: mono float32 in [-1, 1] at the engine's own
-rate; the caller resamples to whatever the renderer needs.
+Engines return :class:`Speech`: mono float32 in [-1, 1] at the engine's own
+rate, and the phonemes spoken with their spans where the engine reports them
+(espeak-ng does; an endpoint does not). The caller resamples to whatever the
+renderer needs; phone spans are in seconds, so resampling keeps them.
 """
 
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
+from abc import ABC, abstractmethod
 import unicodedata
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import httpx
@@ -17,21 +19,46 @@ import numpy as np
 import soundfile as sf
 
 from ..config import TTSSettings
-from ..errors import ConfigError, DependencyMissing, TextError, TTSError
+from ..errors import ConfigError, TextError, TTSError
+from .phonemes import Phone, speak_with_phones
 
 # Below this peak the engine produced silence, which would render a still mouth.
 _SILENCE_PEAK = 1e-3
 
 
+@dataclass(frozen=True)
+class Speech:
+    """Synthesised speech and, when known, its phonemes (spans in seconds from the first sample)."""
+
+    samples: np.ndarray
+    rate: int
+    phones: tuple[Phone, ...] | None = None
+
+
 @runtime_checkable
 class TTS(Protocol):
-    """A speech engine: text in, mono float32 samples and their rate out."""
+    """A speech engine: text in, mono float32 samples (and phoneme timings where known) out."""
 
     name: str
 
     def synthesize(self, text: str) -> tuple[np.ndarray, int]:
         """Speech for ``text`` as ``(float32 [n], sample rate)``; raises TTSError."""
         ...
+
+    def synthesize_timed(self, text: str) -> Speech:
+        """Speech for ``text`` with its phonemes (None when the engine cannot tell); raises TTSError."""
+        ...
+
+
+class _Engine(ABC):
+    """``synthesize`` in terms of ``synthesize_timed``."""
+
+    @abstractmethod
+    def synthesize_timed(self, text: str) -> Speech: ...
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        speech = self.synthesize_timed(text)
+        return speech.samples, speech.rate
 
 
 def check_text(text: str, max_chars: int | None = None) -> str:
@@ -77,44 +104,33 @@ def _decode_wav(data: bytes, engine: str) -> tuple[np.ndarray, int]:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise TTSError(f"{engine} returned audio that cannot be decoded ({exc})") from exc
-    mono = np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32)
     if rate <= 0:
         raise TTSError(f"{engine} returned audio without a sample rate")
+    return _check_speech(np.ascontiguousarray(samples.mean(axis=1), dtype=np.float32), int(rate), engine)
+
+
+def _check_speech(mono: np.ndarray, rate: int, engine: str) -> tuple[np.ndarray, int]:
+    """``(mono, rate)`` when it holds speech; TTSError (``_Silence`` for none) otherwise."""
     if mono.size == 0:
         raise _Silence(f"{engine} returned no audio")
     if not np.isfinite(mono).all():
         raise TTSError(f"{engine} returned invalid samples (NaN or infinity)")
     if float(np.abs(mono).max()) < _SILENCE_PEAK:
         raise _Silence(f"{engine} returned silence")
-    return mono, int(rate)
+    return mono, rate
 
 
-class EspeakTTS:
-    """The offline espeak-ng synthesiser; binary and voice are checked once, here.
-
-    Synthesis writes the wav to stdout (no temporary files), so concurrent
-    requests never share a file name.
+class EspeakTTS(_Engine):
+    """The offline espeak-ng synthesiser, through its library: the phoneme events of
+    one synthesis run give exact timings for its audio. Voice and library are checked
+    once, here; the library keeps one synthesiser, so concurrent calls take turns.
     """
 
     name = "espeak-ng"
 
-    def __init__(
-        self,
-        voice: str = "en-us",
-        speed_wpm: int = 165,
-        *,
-        executable: str = "espeak-ng",
-        timeout_s: float = 60.0,
-    ) -> None:
-        resolved = shutil.which(executable)
-        if resolved is None:
-            raise DependencyMissing(
-                "espeak-ng is not installed", hint="apt-get install espeak-ng, or set tts.engine"
-            )
-        self._exe = resolved
+    def __init__(self, voice: str = "en-us", speed_wpm: int = 165) -> None:
         self.voice = voice
         self.speed_wpm = speed_wpm
-        self._timeout_s = timeout_s
         # A first synthesis proves the voice exists and warms espeak's data files.
         try:
             self._speak(check_text("ready"))
@@ -124,7 +140,7 @@ class EspeakTTS:
                 hint="list voices with `espeak-ng --voices`",
             ) from exc
 
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    def synthesize_timed(self, text: str) -> Speech:
         """Speak ``text``; raises TextError for text it cannot speak, TTSError when espeak fails."""
         try:
             return self._speak(check_text(text))
@@ -135,23 +151,12 @@ class EspeakTTS:
                 "espeak-ng finds nothing to say in this text", hint="send words, not only punctuation"
             ) from exc
 
-    def _speak(self, text: str) -> tuple[np.ndarray, int]:
-        # "--" ends options, so text starting with "-" is spoken, not parsed.
-        cmd = [self._exe, "-v", self.voice, "-s", str(self.speed_wpm), "--stdout", "--", text]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=self._timeout_s, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise TTSError(f"espeak-ng took longer than {self._timeout_s:.0f} s") from exc
-        except OSError as exc:
-            raise TTSError(f"espeak-ng could not be started ({exc.strerror})") from exc
-        stderr = proc.stderr.decode(errors="replace").strip()
-        if proc.returncode != 0 or not proc.stdout:
-            reason = stderr.splitlines()[-1] if stderr else f"exit code {proc.returncode}"
-            raise TTSError(f"espeak-ng failed: {reason}")
-        return _decode_wav(proc.stdout, "espeak-ng")
+    def _speak(self, text: str) -> Speech:
+        samples, rate, phones = speak_with_phones(text, self.voice, self.speed_wpm)
+        return Speech(*_check_speech(samples, rate, "espeak-ng"), tuple(phones))
 
 
-class OpenAITTS:
+class OpenAITTS(_Engine):
     """An OpenAI-compatible ``POST {url}/v1/audio/speech`` endpoint, asked for wav."""
 
     name = "openai"
@@ -172,8 +177,9 @@ class OpenAITTS:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(timeout=timeout_s, headers=headers, transport=transport)
 
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        """Speak ``text`` via the endpoint; network, HTTP and decoding failures raise TTSError."""
+    def synthesize_timed(self, text: str) -> Speech:
+        """Speak ``text`` via the endpoint (no phoneme timings); network, HTTP and decoding
+        failures raise TTSError."""
         text = check_text(text)
         body = {"model": self.model, "input": text, "voice": self.voice, "response_format": "wav"}
         try:
@@ -184,7 +190,7 @@ class OpenAITTS:
             raise TTSError(f"the speech endpoint cannot be reached ({type(exc).__name__})") from exc
         if response.status_code != 200:
             raise TTSError(f"the speech endpoint answered HTTP {response.status_code}")
-        return _decode_wav(response.content, "the speech endpoint")
+        return Speech(*_decode_wav(response.content, "the speech endpoint"))
 
     def close(self) -> None:
         """Release the HTTP connection pool."""
