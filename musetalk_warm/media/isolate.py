@@ -33,7 +33,7 @@ Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 log = logging.getLogger(__name__)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def fork_context() -> multiprocessing.context.BaseContext:
     """The fork server context, its preload set before the server starts (once per process)."""
     with _context_lock:
         if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -61,7 +61,7 @@ def decode_audio_isolated(
     past ``timeout_s`` (then it is killed), is an AudioError too.
     """
     name = "the upload" if isinstance(source, bytes | bytearray) else Path(source).name
-    ctx = _context()
+    ctx = fork_context()
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(send, decode_audio, source, max_seconds), daemon=True)
     try:
