@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,12 +77,13 @@ def _wait(client: TestClient, avatar_id: str, timeout: float = 60.0) -> tuple[di
     seen = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.perf_counter()
         response = client.get(f"/avatars/{avatar_id}")
         assert response.status_code == 200, response.text
         body = response.json()
-        seen.append(body)
+        seen.append({**body, "latency_s": time.perf_counter() - started})
         if body["status"] in ("ready", "failed"):
-            return body, seen
+            return body, seen[:-1]
         time.sleep(0.05)
     raise AssertionError(f"avatar {avatar_id} still {seen[-1]} after {timeout} s")
 
@@ -102,6 +104,8 @@ def test_upload_prepare_speak_live_and_delete(client: TestClient, root: Path, fa
 
     ready, seen = _wait(client, "anna")
     assert ready["status"] == "ready", ready
+    # Preparation runs in a child process: the server answered every poll meanwhile, quickly.
+    assert max(s["latency_s"] for s in seen) < 1.0, [s["latency_s"] for s in seen]
     progress = [s["progress"] for s in seen if s["status"] == "preparing" and s["progress"]["frames_total"]]
     assert all(p["frames_total"] == 20 and 0 <= p["frames_done"] <= 20 for p in progress)
     assert ready["num_frames"] == 20 and ready["fps"] == FPS and ready["frame_size"] == [SIZE, SIZE]
@@ -116,9 +120,24 @@ def test_upload_prepare_speak_live_and_delete(client: TestClient, root: Path, fa
     assert set(listed) == {"demo", "anna"} and listed["anna"] == {**ready, "loaded": listed["anna"]["loaded"]}
     assert _upload(client, face_video, "again.mp4", avatar_id="anna").status_code == 409  # exists
 
-    speak = client.post("/speak", json={"text": "Hello.", "avatar_id": "anna", "session_id": "s-anna"})
-    assert speak.status_code == 200, speak.text
-    assert speak.json()["frames"] > 0
+    library = client.app.state.warm.runtime.library
+    speaking: dict[str, object] = {}
+
+    def speak() -> None:
+        text = "Hello there, this is my new face speaking a sentence."
+        speaking["response"] = client.post("/speak", json={"text": text, "avatar_id": "anna", "session_id": "s-anna"})
+
+    thread = threading.Thread(target=speak)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not library.in_use("anna") and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    refused = client.delete("/avatars/anna")  # while /speak renders with it
+    thread.join()
+    assert refused.status_code == 409 and "clip being rendered" in refused.json()["message"], refused.text
+    spoken = speaking["response"]
+    assert spoken.status_code == 200, spoken.text
+    assert spoken.json()["frames"] > 0 and not library.in_use("anna")
 
     live = client.post("/sessions/live-anna/live", json={"avatar_id": "anna"})
     assert live.status_code == 200, live.text
