@@ -18,7 +18,7 @@ from musetalk_warm.avatars.demo import demo_frames
 from musetalk_warm.avatars.jobs import clean_staging
 from musetalk_warm.config import Settings
 from musetalk_warm.server import create_app
-from test_server import wait_ready
+from test_server import ready_client
 
 FPS = 25
 SIZE = 256  # the demo face scaled down: fast to detect, encode and render
@@ -44,14 +44,14 @@ def face_video() -> bytes:
     return _video(demo_frames(0.8, FPS, SIZE))
 
 
-def _settings(root: Path) -> Settings:
+def _settings(root: Path, renderer: str = "tiny", **server: object) -> Settings:
     return Settings(
-        models={"renderer": "tiny", "device": "cpu", "models_dir": root / "models"},
+        models={"renderer": renderer, "device": "cpu", "models_dir": root / "models"},
         avatar={"demo_seconds": 0.4, "cache_dir": root / "avatars", "max_upload_seconds": 1.5,
                 "mask_source": "landmarks"},
         render={"batch_size": 8},
         server={"sessions_dir": root / "sessions", "max_upload_bytes": 2 * 1024 * 1024,
-                "allowed_hosts": ["testserver"]},
+                "allowed_hosts": ["testserver"], **server},
         live={"idle_timeout_s": 0},
     )
 
@@ -63,8 +63,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(root: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(_settings(root)), raise_server_exceptions=False) as c:
-        wait_ready(c)
+    with ready_client(_settings(root)) as c:
         yield c
 
 
@@ -223,4 +222,16 @@ def test_stale_staging_is_cleaned_at_start(tmp_path: Path) -> None:
     (staging / "stray.tmp").write_bytes(b"x")
     assert clean_staging(tmp_path / "avatars") == 2
     assert list(staging.iterdir()) == []
+    (staging / "4567").mkdir()
     create_app(_settings(tmp_path))  # the app cleans at creation too
+    assert list(staging.iterdir()) == []
+
+
+def test_avatar_routes_need_the_token(tmp_path: Path, face_video: bytes) -> None:
+    with ready_client(_settings(tmp_path, "lite", auth_token="s3cret-token-for-tests")) as c:
+        assert _upload(c, face_video, "x.mp4").status_code == 401
+        assert c.get("/avatars").status_code == 401
+        assert c.delete("/avatars/demo").status_code == 401
+        listed = c.get("/avatars", headers={"Authorization": "Bearer s3cret-token-for-tests"})
+        assert listed.status_code == 200 and [a["avatar_id"] for a in listed.json()["avatars"]] == ["demo"]
+    assert not (tmp_path / "avatars" / "x").exists()
