@@ -27,8 +27,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from ..config import AvatarSettings, Settings, check_quantum, safe_name
 from ..errors import BadInput, Conflict, MediaError, MuseTalkWarmError, NotFound, TooManyRequests, VideoError
+from ..media.decode import MAX_VIDEO_PIXELS, VIDEO_FORMATS_HINT, check_video_upload
 from ..media.isolate import fork_context
 from ..metrics import Metrics
 from .cache import load_avatar, save_latents
@@ -103,8 +106,6 @@ def upload_name(filename: str | None) -> str:
     original = Path(filename or "").name
     suffix = Path(original).suffix.lower()
     if suffix not in VIDEO_SUFFIXES | UPLOAD_IMAGE_SUFFIXES:
-        from ..media.decode import VIDEO_FORMATS_HINT
-
         raise VideoError(f"an avatar source must be a video or a photo, not {suffix or 'a file without suffix'!r}",
                          hint=VIDEO_FORMATS_HINT)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(original).stem)[:56].strip("._")
@@ -348,13 +349,13 @@ def _error_class(code: str) -> type[MuseTalkWarmError]:
 
 def _child(send: Connection, settings_json: str) -> None:
     """Prepare the avatar the settings describe, without latents; reports as JSON lines."""
-    last = 0.0
+    last, last_stage = 0.0, ""
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal last
+        nonlocal last, last_stage
         now = time.monotonic()
-        if done == total or now - last > 0.2:
-            last = now
+        if stage != last_stage or done == total or now - last > 0.2:
+            last, last_stage = now, stage
             send.send_bytes(json.dumps({"stage": stage, "done": done, "total": total}).encode())
 
     try:
@@ -381,16 +382,12 @@ def _send_error(send: Connection, exc: MuseTalkWarmError) -> None:
 
 def _check_source(settings: Settings) -> None:
     """VideoError for a video that is not in the whitelist, too long or too large, or a photo that is not one."""
-    from ..media.decode import MAX_VIDEO_PIXELS, VIDEO_FORMATS_HINT, check_video_upload
-
     cfg = settings.avatar
     assert cfg.video_path is not None
     path = Path(cfg.video_path)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         check_video_upload(path, cfg.max_upload_seconds)
         return
-    import cv2
-
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise VideoError(f"{path.name} is not an image in a supported format", hint=VIDEO_FORMATS_HINT)

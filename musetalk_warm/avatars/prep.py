@@ -366,7 +366,7 @@ def prepare_avatar(
     source, parameters and VAE match, unless ``force``. ``detector`` defaults
     to a fresh ``avatar.landmark_backend`` detector (a video detector carries
     tracking state, so pass a fresh one per source). ``on_progress`` is told
-    each frame's landmarks as they are found.
+    each frame's landmarks as they are found, and the start of each later stage.
     """
     if encoder is not None and vae_id is None:
         raise ValueError("vae_id must name the encoder's VAE")
@@ -389,11 +389,14 @@ def prepare_avatar(
         return updated
 
     frames = read_frames(source, settings)
+    report: Progress = on_progress or (lambda stage, done, total: None)
     found, detector_name = _detect_all(frames, settings, source, detector, progress, on_progress)
     boxes, landmarks, notes = _boxes(frames, found, settings, source)
+    report("placements", 0, len(frames))
     placements = _placements(frames, boxes, landmarks, settings)
     crops = np.stack([crop_face(frame, t) for frame, t in zip(frames, placements)])
     placed = np.array([placed_box(t) for t in placements], dtype=np.int32)
+    report("masks", 0, len(frames))
     masks, crop_boxes = _masks(frames, placed, landmarks, settings, mask_source)
     latents = None if encoder is None else encode_crops(encoder, crops, settings.render.batch_size, progress)
     manifest = {
@@ -406,6 +409,7 @@ def prepare_avatar(
     }
     avatar = Avatar(cfg.avatar_id, cfg.fps, frames, boxes, landmarks, crops, latents,
                     tuple(masks), crop_boxes, placements, manifest)
+    report("saving", 0, len(frames))
     save_avatar(avatar, cfg.cache_dir, frames_crf=cfg.cache_crf)
     log.info("avatar %s: prepared %d frames from %s %s in %.1f s (masks: %s, latents: %s)",
              cfg.avatar_id, len(frames), source.kind, source.name, time.perf_counter() - started,

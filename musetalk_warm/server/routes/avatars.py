@@ -26,7 +26,6 @@ router = APIRouter(tags=["avatars"], dependencies=[AuthDep])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
-_INT_OPTIONS = frozenset(PREP_OPTIONS)  # every prep option is an integer
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["file"],
@@ -62,7 +61,7 @@ def _describe(jobs: AvatarJobs, avatar_id: str) -> dict[str, Any]:
 
 def _options(form: Any) -> dict[str, int]:
     options: dict[str, int] = {}
-    for key in _INT_OPTIONS:
+    for key in PREP_OPTIONS:  # every prep option is an integer
         value = form.get(key)
         if not isinstance(value, str) or not value.strip():
             continue
