@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -207,6 +209,19 @@ def test_a_failed_prep_reports_why_and_leaves_nothing(
     assert listed[avatar_id] == "failed"
     assert client.delete(f"/avatars/{avatar_id}").status_code == 204  # forgets the failed job
     assert client.get(f"/avatars/{avatar_id}").status_code == 404
+
+
+def test_a_crashed_prep_process_fails_the_job_not_the_server(client: TestClient, root: Path, face_video: bytes) -> None:
+    jobs = client.app.state.warm.avatar_jobs
+    assert _upload(client, face_video, "crash.mp4").status_code == 202
+    deadline = time.monotonic() + 30
+    while jobs._child is None and time.monotonic() < deadline:  # the running preparation's process
+        time.sleep(0.005)
+    os.kill(jobs._child.pid, signal.SIGSEGV)
+    failed, _ = _wait(client, "crash")
+    assert failed["status"] == "failed" and "ended by SIGSEGV" in failed["error"]["message"], failed
+    assert not (root / "avatars" / "crash").exists() and _staging(root) == []
+    assert client.get("/health").json()["ready"]
 
 
 def test_prep_metrics_count_outcomes(client: TestClient) -> None:

@@ -32,7 +32,7 @@ import cv2
 from ..config import AvatarSettings, Settings, check_quantum, safe_name
 from ..errors import BadInput, Conflict, MediaError, MuseTalkWarmError, NotFound, TooManyRequests, VideoError
 from ..media.decode import MAX_VIDEO_PIXELS, VIDEO_FORMATS_HINT, check_video_upload
-from ..media.isolate import fork_context
+from ..media.isolate import exit_reason, fork_context
 from ..metrics import Metrics
 from .cache import load_avatar, save_latents
 from .library import STAGING_DIR, AvatarLibrary
@@ -298,14 +298,17 @@ class AvatarJobs:
         ctx = fork_context()
         receive, send = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_child, args=(send, settings.model_dump_json()), daemon=True)
-        with self._lock:
-            if self._closed:
-                raise Conflict("the server is shutting down")
-            self._child = child
         try:
             child.start()
+        except BaseException:
+            receive.close()
+            raise
         finally:
-            send.close()
+            send.close()  # the child holds its own end
+        with self._lock:
+            self._child = child
+            if self._closed:  # close() ran meanwhile and could not see this child
+                child.kill()
         result: dict[str, Any] | None = None
         try:
             while result is None:
@@ -329,8 +332,8 @@ class AvatarJobs:
         if result is None:
             if self._closed:
                 raise Conflict("the server shut down while the avatar was prepared")
-            raise VideoError(f"{job.source_name} cannot be prepared (the preparing process ended: "
-                             f"exit code {child.exitcode})")
+            raise VideoError(f"{job.source_name} cannot be prepared (the preparing process ended by "
+                             f"{exit_reason(child.exitcode)})")
         if "error" in result:
             error = result["error"]
             raise _error_class(error["error"])(error["message"], hint=error.get("hint"))

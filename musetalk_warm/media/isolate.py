@@ -88,7 +88,7 @@ def decode_audio_isolated(
             child.kill()
         child.join()
     if message is None:
-        reason = _exit_reason(child.exitcode)
+        reason = exit_reason(child.exitcode)
         log.warning("audio decoder process ended by %s", reason)
         raise AudioError(f"{name} cannot be decoded (the decoder crashed: {reason})")
     if message[:1] == _ERROR:
@@ -97,7 +97,8 @@ def decode_audio_isolated(
     return np.frombuffer(samples, np.float32), rate
 
 
-def _exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None) -> str:
+    """How a child process ended, for a log line or an error: a signal's name or the exit code."""
     if code is not None and code < 0:
         try:
             return signal.Signals(-code).name

@@ -8,6 +8,7 @@ progress. A ready avatar is usable by ``/speak`` and live sessions straight away
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -105,7 +106,7 @@ async def create_avatar(request: Request, warm: WarmDep) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": url})
 
 
-def _save(upload: UploadFile, path: Any) -> int:
+def _save(upload: UploadFile, path: Path) -> int:
     upload.file.seek(0)
     with open(path, "wb") as fh:
         shutil.copyfileobj(upload.file, fh, 1 << 20)
