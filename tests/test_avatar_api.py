@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from musetalk_warm.avatars.demo import demo_frames
 from musetalk_warm.avatars.jobs import clean_staging
 from musetalk_warm.config import Settings
+from musetalk_warm.models.musetalk import encode_latents
 from musetalk_warm.server import create_app
 from test_server import ready_client
 
@@ -139,6 +140,13 @@ def test_upload_prepare_speak_live_and_delete(client: TestClient, root: Path, fa
     spoken = speaking["response"]
     assert spoken.status_code == 200, spoken.text
     assert spoken.json()["frames"] > 0 and not library.in_use("anna")
+    clip = client.get(spoken.json()["clip_url"])
+    with av.open(io.BytesIO(clip.content)) as video:  # the new avatar's frames, not the demo's 512²
+        assert (video.streams.video[0].width, video.streams.video[0].height) == (SIZE, SIZE)
+    # Latents came from the server's own VAE, as `musetalk-warm prep` computes them.
+    avatar = library.get("anna")
+    expected = encode_latents(client.app.state.warm.runtime.models, avatar.crops[:2])
+    np.testing.assert_allclose(avatar.latents[:2], expected, rtol=1e-4, atol=1e-5)
 
     live = client.post("/sessions/live-anna/live", json={"avatar_id": "anna"})
     assert live.status_code == 200, live.text
