@@ -102,8 +102,7 @@ class AvatarLibrary:
             raise NotFound(f"unknown avatar {avatar_id!r}")
         # Decoding takes a while: outside the lock, so other avatars stay available.
         avatar = load_avatar(avatar_id, self.root, frames_crf=self.frames_crf)
-        if self._check is not None:
-            self._check(avatar)
+        self.check(avatar)
         with self._lock:
             if not (self.root / avatar_id / MANIFEST).is_file():  # removed while it loaded
                 raise NotFound(f"unknown avatar {avatar_id!r}")

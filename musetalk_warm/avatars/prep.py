@@ -230,7 +230,7 @@ def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress:
 
 
 def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector: LandmarkDetector | None,
-                progress: bool, on_progress: Progress | None) -> tuple[list[Detection | None], str]:
+                progress: bool, on_progress: Progress) -> tuple[list[Detection | None], str]:
     """Detections per frame and the detector's name; a detector made here is closed after."""
     bar: Iterator[np.ndarray] = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
 
@@ -238,8 +238,7 @@ def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector
         detections = []
         for frame in bar:
             detections.append(found.detect(frame))
-            if on_progress is not None:
-                on_progress("landmarks", len(detections), len(frames))
+            on_progress("landmarks", len(detections), len(frames))
         return detections
 
     if detector is not None:
@@ -390,7 +389,7 @@ def prepare_avatar(
 
     frames = read_frames(source, settings)
     report: Progress = on_progress or (lambda stage, done, total: None)
-    found, detector_name = _detect_all(frames, settings, source, detector, progress, on_progress)
+    found, detector_name = _detect_all(frames, settings, source, detector, progress, report)
     boxes, landmarks, notes = _boxes(frames, found, settings, source)
     report("placements", 0, len(frames))
     placements = _placements(frames, boxes, landmarks, settings)

@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from ..avatars.jobs import clean_staging
+from ..avatars.jobs import AvatarJobs, clean_staging
 from ..config import Settings
 from ..errors import MuseTalkWarmError
 from ..media.isolate import start as start_audio_decoder
@@ -76,9 +76,8 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     log.info("ready in %.1f s", warm.load_seconds)
 
 
-def _avatar_jobs(warm: Warm, runtime: Any) -> Any:
-    from ..avatars.jobs import AvatarJobs
-
+def _avatar_jobs(warm: Warm, runtime: Any) -> AvatarJobs:
+    """Avatar preparation jobs whose latents come from the runtime's VAE."""
     encoder, vae_id = runtime.prep_encoder()
     return AvatarJobs(warm.settings, runtime.library, encoder, vae_id, metrics=warm.metrics)
 
