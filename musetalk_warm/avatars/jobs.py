@@ -24,10 +24,12 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from ..config import AvatarSettings, Settings, check_quantum, safe_name
 from ..errors import BadInput, Conflict, MediaError, MuseTalkWarmError, NotFound, TooManyRequests, VideoError
@@ -36,12 +38,12 @@ from ..media.isolate import exit_reason, fork_context
 from ..metrics import Metrics
 from .cache import load_avatar, save_latents
 from .library import STAGING_DIR, AvatarLibrary
-from .prep import DEMO_AVATAR_ID, IMAGE_SUFFIXES, Encoder, encode_crops
+from .prep import DEMO_AVATAR_ID, Encoder, encode_crops
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm"})
-UPLOAD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"}) & IMAGE_SUFFIXES
+UPLOAD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # prep reads these as photos
 # Options of POST /avatars, as `musetalk-warm prep` takes them (avatar section keys).
 PREP_OPTIONS = ("bbox_shift", "extra_margin", "fps", "max_frames")
 PREP_TIMEOUT_S = 600.0  # a child silent this long (no progress line) is killed
@@ -92,7 +94,10 @@ def clean_staging(cache_root: str | Path) -> int:
         return 0
     entries = list(staging.iterdir())
     for entry in entries:
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     if entries:
         log.warning("removed %d unfinished avatar preparations", len(entries))
     return len(entries)
@@ -139,7 +144,7 @@ class AvatarJobs:
         self._jobs: OrderedDict[str, PrepJob] = OrderedDict()  # by avatar id, newest last
         self._queue: queue.Queue[PrepJob | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._child: Any = None
+        self._child: BaseProcess | None = None
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="avatar-prep", daemon=True)
         self._worker.start()
@@ -276,7 +281,7 @@ class AvatarJobs:
             job.stage, job.frames_done = "latents", 0
             encoder = self.encoder
 
-            def counted(crops: Any) -> Any:
+            def counted(crops: np.ndarray) -> np.ndarray:
                 latents = encoder(crops)
                 job.frames_done += len(crops)
                 return latents
@@ -286,7 +291,6 @@ class AvatarJobs:
                              manifest={**avatar.manifest, "vae_id": self.vae_id, "has_latents": True})
             save_latents(avatar, job.folder)
         self.library.check(avatar)
-        job.stage = "saving"
         try:
             (job.folder / job.avatar_id).rename(self.library.root / job.avatar_id)
         except OSError:  # the id was taken meanwhile (a CLI prep): the folder there is not empty
