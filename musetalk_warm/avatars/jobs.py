@@ -34,7 +34,7 @@ import numpy as np
 from ..config import AvatarSettings, Settings, check_quantum, safe_name
 from ..errors import BadInput, Conflict, MediaError, MuseTalkWarmError, NotFound, TooManyRequests, VideoError
 from ..media.decode import MAX_VIDEO_PIXELS, VIDEO_FORMATS_HINT, check_video_upload
-from ..media.isolate import exit_reason, fork_context
+from ..media.isolate import end_child, exit_reason, start_child
 from ..metrics import Metrics
 from .cache import load_avatar, save_latents
 from .library import STAGING_DIR, AvatarLibrary
@@ -299,16 +299,7 @@ class AvatarJobs:
 
     def _in_child(self, job: PrepJob, settings: Settings) -> None:
         """Run the CPU part of preparation in a child; its progress lines update ``job``."""
-        ctx = fork_context()
-        receive, send = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_child, args=(send, settings.model_dump_json()), daemon=True)
-        try:
-            child.start()
-        except BaseException:
-            receive.close()
-            raise
-        finally:
-            send.close()  # the child holds its own end
+        child, receive = start_child(_child, settings.model_dump_json())
         with self._lock:
             self._child = child
             if self._closed:  # close() ran meanwhile and could not see this child
@@ -327,10 +318,7 @@ class AvatarJobs:
         except EOFError:
             pass
         finally:
-            receive.close()
-            if child.is_alive():
-                child.kill()
-            child.join()
+            end_child(child, receive)
             with self._lock:
                 self._child = None
         if result is None:

@@ -18,7 +18,9 @@ import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +54,30 @@ def start() -> None:
     decode_audio_isolated(_WARM_UP_WAV, timeout_s=DECODE_TIMEOUT_S)
 
 
+def start_child(target: Callable[..., None], *args: Any) -> tuple[BaseProcess, Connection]:
+    """Start ``target(send, *args)`` in a child forked from the fork server; the child and
+    the receiving end of its one-way pipe (``send`` is the child's alone)."""
+    ctx = fork_context()
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=target, args=(send, *args), daemon=True)
+    try:
+        child.start()
+    except BaseException:
+        receive.close()
+        raise
+    finally:
+        send.close()
+    return child, receive
+
+
+def end_child(child: BaseProcess, receive: Connection) -> None:
+    """Close the pipe, kill the child if it still runs, and reap it."""
+    receive.close()
+    if child.is_alive():
+        child.kill()
+    child.join()
+
+
 def decode_audio_isolated(
     source: bytes | str | Path, max_seconds: float | None = None, *, timeout_s: float = DECODE_TIMEOUT_S
 ) -> tuple[np.ndarray, int]:
@@ -61,16 +87,7 @@ def decode_audio_isolated(
     past ``timeout_s`` (then it is killed), is an AudioError too.
     """
     name = "the upload" if isinstance(source, bytes | bytearray) else Path(source).name
-    ctx = fork_context()
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, decode_audio, source, max_seconds), daemon=True)
-    try:
-        child.start()
-    except BaseException:
-        receive.close()
-        raise
-    finally:
-        send.close()  # the child holds its own end
+    child, receive = start_child(_child, decode_audio, source, max_seconds)
     try:
         if not receive.poll(timeout_s):
             log.warning("audio decoder process killed after %g s", timeout_s)
@@ -83,10 +100,7 @@ def decode_audio_isolated(
     except EOFError:  # the child died without a word
         message = None
     finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join()
+        end_child(child, receive)
     if message is None:
         reason = exit_reason(child.exitcode)
         log.warning("audio decoder process ended by %s", reason)
