@@ -175,7 +175,7 @@ def test_photo_upload_is_a_one_frame_avatar(client: TestClient) -> None:
 
 def test_pinned_avatar_and_bad_requests_are_refused(client: TestClient, face_video: bytes) -> None:
     refused = client.delete("/avatars/demo")
-    assert refused.status_code == 409 and "configured avatar" in refused.json()["message"]
+    assert refused.status_code == 409 and "built-in demo avatar" in refused.json()["message"]
     assert _upload(client, face_video, "x.mp4", avatar_id="demo").status_code == 409
     assert client.get("/avatars/nobody").status_code == 404
     assert client.post("/avatars", json={"file": "x"}).status_code == 415

@@ -216,6 +216,8 @@ class AvatarJobs:
 
     def delete(self, avatar_id: str) -> None:
         """Delete a prepared avatar or forget a failed job; Conflict while it is prepared or in use."""
+        if avatar_id == DEMO_AVATAR_ID:
+            raise Conflict("the built-in demo avatar cannot be deleted")
         job = self.get(avatar_id)
         if job is not None and job.status in _ACTIVE:
             raise Conflict(f"avatar {avatar_id!r} is being prepared", hint="delete it once it is ready or failed")
