@@ -7,9 +7,11 @@ sends JSON progress lines and writes the cache, without latents, under
 ``<cache_dir>/.jobs/<job>/``; this process then fills the latents with the
 runtime's VAE (an encoder that runs on the accelerator thread, batch by batch
 between live frames), checks the result as the library would and renames the
-folder into place: an avatar appears complete or not at all. A failed job
-leaves nothing behind, and :func:`clean_staging` clears what a crash left.
-Jobs run one at a time, in arrival order.
+folder into place: an avatar appears complete or not at all, and is held loaded
+(its first use decodes nothing). A failed job leaves nothing behind, and
+:func:`clean_staging` clears what a crash left. The fork server imports what
+the children need once (:data:`CHILD_MODULES`). Jobs run one at a time, in
+arrival order.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ UPLOAD_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})  # prep re
 PREP_OPTIONS = ("bbox_shift", "extra_margin", "fps", "max_frames")
 PREP_TIMEOUT_S = 600.0  # a child silent this long (no progress line) is killed
 MAX_QUEUED = 8
+# What preparation children need, imported once by the fork server (mediapipe alone takes seconds).
+CHILD_MODULES = (__name__, "mediapipe.python.solutions.face_mesh")
 _MAX_FINISHED = 100  # finished jobs remembered for GET /avatars/{id}, oldest forgotten first
 _ACTIVE = ("queued", "preparing")
 
@@ -297,7 +301,7 @@ class AvatarJobs:
             (job.folder / job.avatar_id).rename(self.library.root / job.avatar_id)
         except OSError:  # the id was taken meanwhile (a CLI prep): the folder there is not empty
             raise Conflict(f"avatar {job.avatar_id!r} already exists") from None
-        self.library.forget(job.avatar_id)
+        self.library.add(avatar)  # loaded (and checked) already: its first use need not decode it again
 
     def _in_child(self, job: PrepJob, settings: Settings) -> None:
         """Run the CPU part of preparation in a child; its progress lines update ``job``."""

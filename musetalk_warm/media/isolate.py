@@ -31,6 +31,7 @@ DECODE_TIMEOUT_S = 30.0
 _OK, _ERROR = b"\x00", b"\x01"
 _HEADER = struct.Struct("<IQ")  # sample rate, sample count; the float32 samples follow
 _context_lock = threading.Lock()
+_extra_preload: list[str] = []
 Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,15 @@ def fork_context() -> multiprocessing.context.BaseContext:
         main_spec = getattr(sys.modules["__main__"], "__spec__", None)
         preload = ["__main__", __name__, f"{__package__}._forkserver"]
         preload += [main_spec.name] if main_spec is not None else []
-        ctx.set_forkserver_preload(preload)
+        ctx.set_forkserver_preload(preload + _extra_preload)
         return ctx
+
+
+def preload(*modules: str) -> None:
+    """Have the fork server import ``modules`` as it starts (call before :func:`start`), so no child
+    imports them again; one that is not installed is skipped."""
+    with _context_lock:
+        _extra_preload.extend(m for m in modules if m not in _extra_preload)
 
 
 def start() -> None:
