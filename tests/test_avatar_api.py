@@ -189,6 +189,9 @@ def test_pinned_avatar_and_bad_requests_are_refused(client: TestClient, face_vid
     assert [r.status_code for r in bad] == [400, 400, 400, 422, 422], [r.text for r in bad]
     assert all(r.json()["error"] in ("bad_input", "bad_video") for r in bad)
     assert client.get("/avatars/ok").status_code == 404  # nothing started
+    too_large = _upload(client, bytes(2 * 1024 * 1024 + 100 * 1024), "big.mp4")  # server.max_upload_bytes
+    assert too_large.status_code == 413 and too_large.json()["error"] == "payload_too_large"
+    assert client.get("/avatars/big").status_code == 404
 
 
 @pytest.mark.parametrize(
