@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from ...avatars.jobs import PREP_OPTIONS, AvatarJobs, default_avatar_id, upload_name
 from ...errors import BadInput, NotFound, NotReady, VideoError
@@ -60,7 +60,7 @@ def _describe(jobs: AvatarJobs, avatar_id: str) -> dict[str, Any]:
         raise NotFound(f"unknown avatar {avatar_id!r}", hint="GET /avatars lists them") from None
 
 
-def _options(form: Any) -> dict[str, int]:
+def _options(form: FormData) -> dict[str, int]:
     options: dict[str, int] = {}
     for key in PREP_OPTIONS:  # every prep option is an integer
         value = form.get(key)
@@ -90,8 +90,8 @@ async def create_avatar(request: Request, warm: WarmDep) -> JSONResponse:
     if not isinstance(upload, UploadFile):
         raise BadInput("send the video or photo in a 'file' field", hint="curl -F file=@me.mp4 ...")
     source_name = upload_name(upload.filename)
-    avatar_id = form.get("avatar_id")
-    avatar_id = avatar_id.strip() if isinstance(avatar_id, str) and avatar_id.strip() else default_avatar_id(source_name)
+    given = form.get("avatar_id")
+    avatar_id = given.strip() if isinstance(given, str) and given.strip() else default_avatar_id(source_name)
     job = jobs.create(avatar_id, source_name, _options(form))
     try:
         size = await anyio.to_thread.run_sync(_save, upload, job.source)
