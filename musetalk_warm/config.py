@@ -47,6 +47,17 @@ def clip_quantum(fps: int, rate: int) -> int:
     return math.lcm(rate // fps, AAC_FRAME)
 
 
+def check_quantum(fps: int, rate: int, what: str) -> None:
+    """ConfigError when ``what`` at ``fps`` would pad every clip by more than ``MAX_QUANTUM_S``."""
+    seconds = clip_quantum(fps, rate) / rate
+    if seconds > MAX_QUANTUM_S:
+        raise ConfigError(
+            f"{what} at {fps} fps with media.audio_rate {rate} would pad every "
+            f"clip to a multiple of {seconds:.2f} s (whole video and AAC frames)",
+            hint="use 25 fps (16000, 32000 or 48000 Hz) or 30 fps (48000 Hz)",
+        )
+
+
 # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
 BlendMode = Literal["feather", "poisson", "upstream"]
 
@@ -110,6 +121,8 @@ class AvatarSettings(_Section):
     max_loaded: int = Field(4, ge=0)
     max_frames: int = Field(0, ge=0)
     demo_seconds: float = Field(8.0, gt=0, le=60)
+    # POST /avatars: the longest source video accepted (frames are held decoded while preparing).
+    max_upload_seconds: float = Field(30.0, gt=0, le=600)
 
     @field_validator("avatar_id")
     @classmethod

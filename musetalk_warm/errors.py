@@ -51,6 +51,13 @@ class AudioError(BadInput):
     code = "bad_audio"
 
 
+class VideoError(BadInput):
+    """An uploaded avatar source is not a readable video or image in a supported format, or too long."""
+
+    status_code = 422
+    code = "bad_video"
+
+
 class TextError(BadInput):
     """Text to speak is empty or too long."""
 
@@ -95,6 +102,13 @@ class NotFound(MuseTalkWarmError):
 
     status_code = 404
     code = "not_found"
+
+
+class Conflict(MuseTalkWarmError):
+    """The request clashes with the current state: an id taken, an avatar in use."""
+
+    status_code = 409
+    code = "conflict"
 
 
 class AvatarCacheError(MuseTalkWarmError):

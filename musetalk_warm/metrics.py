@@ -58,6 +58,14 @@ class Metrics:
             "musetalk_live_batch_seconds", "Seconds per frame-scheduler batch",
             buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.avatar_preps = Counter(
+            "musetalk_avatar_preps", "Avatar preparation jobs finished, by outcome", ["status"],
+            registry=self.registry,
+        )
+        self.avatar_prep_seconds = Histogram(
+            "musetalk_avatar_prep_seconds", "Seconds per avatar preparation job",
+            buckets=(0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0), registry=self.registry,
+        )
         self.ready = Gauge("musetalk_ready", "1 once models and avatars are loaded", registry=self.registry)
 
     def observe_clip(self, timings: Mapping[str, float], frames: int, duration_s: float) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from musetalk_warm.avatars.cache import Avatar, cache_bytes, load_avatar, save_avatar
 from musetalk_warm.avatars.library import AvatarLibrary
-from musetalk_warm.errors import AvatarCacheError, NotFound
+from musetalk_warm.errors import AvatarCacheError, Conflict, NotFound
 from scripts.measure_avatar_cache import write_format2
 
 
@@ -103,3 +103,29 @@ def test_library_finds_a_cache_written_later_and_refuses_unknown_ids(tmp_path: P
             library.get(bad)
         with pytest.raises(NotFound):
             library.describe(bad)
+
+
+def test_remove_refuses_pinned_and_leased_avatars_and_deletes_free_ones(tmp_path: Path) -> None:
+    for avatar_id in ("pinned", "busy", "free"):
+        save_avatar(small_avatar(avatar_id), tmp_path)
+    library = AvatarLibrary(tmp_path)
+    library.add(library.get("pinned"), pin=True)
+    with library.lease("busy"):
+        for avatar_id, words in (("pinned", "configured avatar"), ("busy", "in use")):
+            with pytest.raises(Conflict, match=words):
+                library.remove(avatar_id)
+            assert (tmp_path / avatar_id / "manifest.json").is_file()
+    library.hold("busy")  # a live session's lease
+    with pytest.raises(Conflict):
+        library.remove("busy")
+    library.release("busy")
+    library.remove("busy")
+    library.get("free")
+    library.remove("free")
+    assert library.ids() == ["pinned"] and library.loaded_ids() == ["pinned"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".jobs", "pinned"]
+    assert list((tmp_path / ".jobs").iterdir()) == []
+    with pytest.raises(NotFound):
+        library.remove("free")
+    with pytest.raises(NotFound):
+        library.get("free")

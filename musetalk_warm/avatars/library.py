@@ -3,13 +3,16 @@
 Listing reads only manifests; :meth:`AvatarLibrary.get` decodes a cache the
 first time it is asked for and keeps at most ``max_loaded`` avatars in memory,
 dropping the least recently used one that is neither pinned (the configured
-avatar) nor leased (rendering right now). A cache prepared while the process
-runs is found on its first request, without a restart.
+avatar) nor leased (rendering right now, or shown by a live session). A cache
+prepared while the process runs is found on its first request, without a
+restart; :meth:`AvatarLibrary.remove` deletes one that nothing uses.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import safe_name
-from ..errors import NotFound
-from .cache import Avatar, cache_bytes, load_avatar, read_manifest
+from ..errors import Conflict, NotFound
+from .cache import MANIFEST, Avatar, cache_bytes, load_avatar, read_manifest
+
+# Avatars being prepared (and deleted ones on their way out) live here; never an avatar id
+# (ids start with a letter or digit), so listing skips it.
+STAGING_DIR = ".jobs"
 
 
 class AvatarLibrary:
@@ -95,9 +102,10 @@ class AvatarLibrary:
             raise NotFound(f"unknown avatar {avatar_id!r}")
         # Decoding takes a while: outside the lock, so other avatars stay available.
         avatar = load_avatar(avatar_id, self.root, frames_crf=self.frames_crf)
-        if self._check is not None:
-            self._check(avatar)
+        self.check(avatar)
         with self._lock:
+            if not (self.root / avatar_id / MANIFEST).is_file():  # removed while it loaded
+                raise NotFound(f"unknown avatar {avatar_id!r}")
             avatar = self._loaded.setdefault(avatar_id, avatar)
             self._loaded.move_to_end(avatar_id)
             self._evict()
@@ -107,24 +115,58 @@ class AvatarLibrary:
     def lease(self, avatar_id: str) -> Iterator[Avatar]:
         """The avatar, marked in use (not dropped, not deletable) until the block ends."""
         avatar = self.get(avatar_id)
-        with self._lock:
-            self._leases[avatar_id] = self._leases.get(avatar_id, 0) + 1
+        self.hold(avatar_id)
         try:
             yield avatar
         finally:
-            with self._lock:
-                self._leases[avatar_id] -= 1
-                if not self._leases[avatar_id]:
-                    del self._leases[avatar_id]
+            self.release(avatar_id)
+
+    def hold(self, avatar_id: str) -> None:
+        """Mark a loaded avatar in use until :meth:`release` (a live session holds it while it runs)."""
+        with self._lock:
+            self._leases[avatar_id] = self._leases.get(avatar_id, 0) + 1
+
+    def release(self, avatar_id: str) -> None:
+        """End one :meth:`hold`."""
+        with self._lock:
+            self._leases[avatar_id] -= 1
+            if not self._leases[avatar_id]:
+                del self._leases[avatar_id]
 
     def in_use(self, avatar_id: str) -> bool:
         """Whether the avatar is pinned or leased."""
         return avatar_id in self._pinned or avatar_id in self._leases
 
+    def check(self, avatar: Avatar) -> None:
+        """Run the library's load check on an avatar (raises what it raises)."""
+        if self._check is not None:
+            self._check(avatar)
+
     def forget(self, avatar_id: str) -> None:
         """Drop the avatar from memory (its cache was replaced or removed)."""
         with self._lock:
             self._loaded.pop(avatar_id, None)
+
+    def remove(self, avatar_id: str) -> None:
+        """Delete a prepared avatar's cache: NotFound for an unknown id, Conflict while pinned or leased.
+
+        The folder is first renamed into the staging folder (atomic: it is gone for
+        :meth:`ids` and :meth:`get` at once), then deleted.
+        """
+        if not _valid(avatar_id) or read_manifest(avatar_id, self.root) is None:
+            raise NotFound(f"unknown avatar {avatar_id!r}")
+        trash = self.root / STAGING_DIR / f"deleted-{uuid.uuid4().hex}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if avatar_id in self._pinned:
+                raise Conflict(f"avatar {avatar_id!r} is the server's configured avatar and cannot be deleted",
+                               hint="configure another avatar.avatar_id first")
+            if avatar_id in self._leases:
+                raise Conflict(f"avatar {avatar_id!r} is in use by a live session or a clip being rendered",
+                               hint="stop its live sessions (DELETE /sessions/{id}/live) and retry")
+            (self.root / avatar_id).rename(trash)
+            self._loaded.pop(avatar_id, None)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _evict(self) -> None:
         if not self.max_loaded:

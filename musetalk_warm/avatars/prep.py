@@ -47,6 +47,8 @@ from .stabilise import crop_face, placed_box, plan
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[np.ndarray], np.ndarray]
+# (stage, frames done, frames in all) as preparation goes.
+Progress = Callable[[str, int, int], None]
 # The one avatar id whose source is the built-in demo photo; any other id needs a video or image.
 DEMO_AVATAR_ID = "demo"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -228,15 +230,23 @@ def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress:
 
 
 def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector: LandmarkDetector | None,
-                progress: bool) -> tuple[list[Detection | None], str]:
+                progress: bool, on_progress: Progress) -> tuple[list[Detection | None], str]:
     """Detections per frame and the detector's name; a detector made here is closed after."""
     bar: Iterator[np.ndarray] = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
+
+    def detect_all(found: LandmarkDetector) -> list[Detection | None]:
+        detections = []
+        for frame in bar:
+            detections.append(found.detect(frame))
+            on_progress("landmarks", len(detections), len(frames))
+        return detections
+
     if detector is not None:
-        return [detector.detect(frame) for frame in bar], detector.name
+        return detect_all(detector), detector.name
     # Tracking across frames steadies the points of a video; a still image is one photo.
     owned = make_detector(settings.avatar.landmark_backend, video=source.kind != "image")
     try:
-        return [owned.detect(frame) for frame in bar], owned.name
+        return detect_all(owned), owned.name
     finally:
         owned.close()
 
@@ -345,6 +355,7 @@ def prepare_avatar(
     force: bool = False,
     detector: LandmarkDetector | None = None,
     progress: bool = True,
+    on_progress: Progress | None = None,
 ) -> Avatar:
     """Prepare (or reuse) the configured avatar and return it as cached.
 
@@ -353,7 +364,8 @@ def prepare_avatar(
     latents (enough for the lite renderer). The cache is reused when the
     source, parameters and VAE match, unless ``force``. ``detector`` defaults
     to a fresh ``avatar.landmark_backend`` detector (a video detector carries
-    tracking state, so pass a fresh one per source).
+    tracking state, so pass a fresh one per source). ``on_progress`` is told
+    each frame's landmarks as they are found, and the start of each later stage.
     """
     if encoder is not None and vae_id is None:
         raise ValueError("vae_id must name the encoder's VAE")
@@ -376,11 +388,14 @@ def prepare_avatar(
         return updated
 
     frames = read_frames(source, settings)
-    found, detector_name = _detect_all(frames, settings, source, detector, progress)
+    report: Progress = on_progress or (lambda stage, done, total: None)
+    found, detector_name = _detect_all(frames, settings, source, detector, progress, report)
     boxes, landmarks, notes = _boxes(frames, found, settings, source)
+    report("placements", 0, len(frames))
     placements = _placements(frames, boxes, landmarks, settings)
     crops = np.stack([crop_face(frame, t) for frame, t in zip(frames, placements)])
     placed = np.array([placed_box(t) for t in placements], dtype=np.int32)
+    report("masks", 0, len(frames))
     masks, crop_boxes = _masks(frames, placed, landmarks, settings, mask_source)
     latents = None if encoder is None else encode_crops(encoder, crops, settings.render.batch_size, progress)
     manifest = {
@@ -393,6 +408,7 @@ def prepare_avatar(
     }
     avatar = Avatar(cfg.avatar_id, cfg.fps, frames, boxes, landmarks, crops, latents,
                     tuple(masks), crop_boxes, placements, manifest)
+    report("saving", 0, len(frames))
     save_avatar(avatar, cfg.cache_dir, frames_crf=cfg.cache_crf)
     log.info("avatar %s: prepared %d frames from %s %s in %.1f s (masks: %s, latents: %s)",
              cfg.avatar_id, len(frames), source.kind, source.name, time.perf_counter() - started,

@@ -100,16 +100,22 @@ class LiveRegistry:
                     f"session {session_id!r} speaks with avatar {state.avatar_id!r}, not {avatar.avatar_id!r}",
                     hint="use another session_id or reset this session to change avatar",
                 )
-            recorder = None
-            if live.record:
-                recorder = Recorder(self.store, session_id, avatar, live, self.settings.media, self._spawn)
-            session = LiveSession(
-                session_id, avatar, self.scheduler, live,
-                audio_rate=self.settings.media.audio_rate, clock=self.clock, tts=self.tts,
-                start_position=state.next_frame, recorder=recorder, metrics=self.metrics,
-                max_text_chars=self.settings.server.max_text_chars,
-            )
-            session.start()
+            # The avatar stays leased while the session runs: it is neither dropped nor deletable.
+            self.runtime.library.hold(avatar.avatar_id)
+            try:
+                recorder = None
+                if live.record:
+                    recorder = Recorder(self.store, session_id, avatar, live, self.settings.media, self._spawn)
+                session = LiveSession(
+                    session_id, avatar, self.scheduler, live,
+                    audio_rate=self.settings.media.audio_rate, clock=self.clock, tts=self.tts,
+                    start_position=state.next_frame, recorder=recorder, metrics=self.metrics,
+                    max_text_chars=self.settings.server.max_text_chars,
+                )
+                session.start()
+            except BaseException:
+                self.runtime.library.release(avatar.avatar_id)
+                raise
             self._sessions[session_id] = session
             self._gauge()
             log.info("live session %s started (avatar %s)", session_id, avatar.avatar_id)
@@ -121,7 +127,10 @@ class LiveRegistry:
         if session is None:
             return False
         self._gauge()
-        await session.close()
+        try:
+            await session.close()
+        finally:
+            self.runtime.library.release(session.avatar_id)
         log.info("live session %s stopped", session_id)
         return True
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from ..errors import AudioError, MediaError
+from ..errors import AudioError, MediaError, VideoError
 
 
 def open_input(path: str | Path, what: str) -> av.container.InputContainer:
@@ -281,3 +281,49 @@ class _Span:
         if self.start is None or time_base is None:
             return 0.0
         return float((self.end - self.start) * time_base)
+
+
+# Demuxers an avatar video upload may be read with (mp4/mov/m4v; mkv/webm), by the same rule as audio.
+VIDEO_DEMUXERS = ("mov", "matroska")
+_VIDEO_OPTIONS = {"format_whitelist": ",".join(VIDEO_DEMUXERS), "protocol_whitelist": "file"}
+VIDEO_FORMATS_HINT = "upload the avatar as an mp4, mov, m4v, mkv or webm video, or a png, jpeg or webp photo"
+# 1080p in either orientation: every source frame is held decoded while an avatar is prepared.
+MAX_VIDEO_PIXELS = 1920 * 1080
+
+
+def check_video_upload(path: str | Path, max_seconds: float) -> float:
+    """Seconds of video in an uploaded avatar source, demuxed only (nothing decoded).
+
+    Raises :class:`VideoError` when the file is not in one of :data:`VIDEO_DEMUXERS`,
+    has no video stream or no frames, is corrupt, has frames over
+    :data:`MAX_VIDEO_PIXELS` or is longer than ``max_seconds``.
+    """
+    name = Path(path).name
+    try:
+        container = av.open(str(path), mode="r", container_options=_VIDEO_OPTIONS)
+    except av.error.FFmpegError as exc:
+        raise VideoError(
+            f"{name} is not a video in a supported container ({ffmpeg_reason(exc)})", hint=VIDEO_FORMATS_HINT
+        ) from exc
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{name} has no video stream", hint=VIDEO_FORMATS_HINT)
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > MAX_VIDEO_PIXELS:
+            raise VideoError(f"{name} is {width}x{height}; the largest frame accepted is 1920x1080",
+                             hint="scale the video down to 1080p or less")
+        span = _Span()
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is None:
+                    continue
+                span.add(packet.pts, packet.duration or 0)
+                if span.seconds(stream.time_base) > max_seconds:
+                    raise VideoError(f"{name} is longer than the maximum of {max_seconds:g} s",
+                                     hint="trim the video (avatar.max_upload_seconds)")
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{name} is corrupt: {ffmpeg_reason(exc)}") from exc
+    if span.count == 0:
+        raise VideoError(f"{name} holds no video frames", hint=VIDEO_FORMATS_HINT)
+    return span.seconds(stream.time_base)

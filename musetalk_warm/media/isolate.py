@@ -18,7 +18,9 @@ import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +31,12 @@ DECODE_TIMEOUT_S = 30.0
 _OK, _ERROR = b"\x00", b"\x01"
 _HEADER = struct.Struct("<IQ")  # sample rate, sample count; the float32 samples follow
 _context_lock = threading.Lock()
+_extra_preload: list[str] = []
 Decoder = Callable[[bytes | str | Path, float | None], tuple[np.ndarray, int]]
 log = logging.getLogger(__name__)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def fork_context() -> multiprocessing.context.BaseContext:
     """The fork server context, its preload set before the server starts (once per process)."""
     with _context_lock:
         if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -43,13 +46,44 @@ def _context() -> multiprocessing.context.BaseContext:
         main_spec = getattr(sys.modules["__main__"], "__spec__", None)
         preload = ["__main__", __name__, f"{__package__}._forkserver"]
         preload += [main_spec.name] if main_spec is not None else []
-        ctx.set_forkserver_preload(preload)
+        ctx.set_forkserver_preload(preload + _extra_preload)
         return ctx
+
+
+def preload(*modules: str) -> None:
+    """Have the fork server import ``modules`` as it starts (call before :func:`start`), so no child
+    imports them again; one that is not installed is skipped."""
+    with _context_lock:
+        _extra_preload.extend(m for m in modules if m not in _extra_preload)
 
 
 def start() -> None:
     """Start the fork server now, so the first upload does not pay for it."""
     decode_audio_isolated(_WARM_UP_WAV, timeout_s=DECODE_TIMEOUT_S)
+
+
+def start_child(target: Callable[..., None], *args: Any) -> tuple[BaseProcess, Connection]:
+    """Start ``target(send, *args)`` in a child forked from the fork server; the child and
+    the receiving end of its one-way pipe (``send`` is the child's alone)."""
+    ctx = fork_context()
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=target, args=(send, *args), daemon=True)
+    try:
+        child.start()
+    except BaseException:
+        receive.close()
+        raise
+    finally:
+        send.close()
+    return child, receive
+
+
+def end_child(child: BaseProcess, receive: Connection) -> None:
+    """Close the pipe, kill the child if it still runs, and reap it."""
+    receive.close()
+    if child.is_alive():
+        child.kill()
+    child.join()
 
 
 def decode_audio_isolated(
@@ -61,16 +95,7 @@ def decode_audio_isolated(
     past ``timeout_s`` (then it is killed), is an AudioError too.
     """
     name = "the upload" if isinstance(source, bytes | bytearray) else Path(source).name
-    ctx = _context()
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, decode_audio, source, max_seconds), daemon=True)
-    try:
-        child.start()
-    except BaseException:
-        receive.close()
-        raise
-    finally:
-        send.close()  # the child holds its own end
+    child, receive = start_child(_child, decode_audio, source, max_seconds)
     try:
         if not receive.poll(timeout_s):
             log.warning("audio decoder process killed after %g s", timeout_s)
@@ -83,12 +108,9 @@ def decode_audio_isolated(
     except EOFError:  # the child died without a word
         message = None
     finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join()
+        end_child(child, receive)
     if message is None:
-        reason = _exit_reason(child.exitcode)
+        reason = exit_reason(child.exitcode)
         log.warning("audio decoder process ended by %s", reason)
         raise AudioError(f"{name} cannot be decoded (the decoder crashed: {reason})")
     if message[:1] == _ERROR:
@@ -97,7 +119,8 @@ def decode_audio_isolated(
     return np.frombuffer(samples, np.float32), rate
 
 
-def _exit_reason(code: int | None) -> str:
+def exit_reason(code: int | None) -> str:
+    """How a child process ended, for a log line or an error: a signal's name or the exit code."""
     if code is not None and code < 0:
         try:
             return signal.Signals(-code).name

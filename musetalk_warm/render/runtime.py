@@ -23,9 +23,9 @@ from ..media import encode as media
 from ..media.audio import resample
 from ..avatars.cache import Avatar
 from ..avatars.library import AvatarLibrary
-from ..config import MAX_QUANTUM_S, RenderSettings, Settings, clip_quantum
+from ..config import RenderSettings, Settings, check_quantum, clip_quantum
 from .engine import MouthRenderer, MuseTalkRenderer, RenderEngine, RenderStats
-from ..errors import AudioError, AvatarCacheError, ConfigError, NotFound
+from ..errors import AudioError, AvatarCacheError, NotFound
 from ..media.audio import SAMPLE_RATE, num_frames
 from .visemes import Timed
 
@@ -134,14 +134,7 @@ class Runtime:
         return avatar
 
     def _check_avatar(self, avatar: Avatar) -> None:
-        rate = self.settings.media.audio_rate
-        seconds = clip_quantum(avatar.fps, rate) / rate
-        if seconds > MAX_QUANTUM_S:
-            raise ConfigError(
-                f"avatar {avatar.avatar_id!r} at {avatar.fps} fps with media.audio_rate {rate} would pad every "
-                f"clip to a multiple of {seconds:.2f} s (whole video and AAC frames)",
-                hint="use 25 fps (16000, 32000 or 48000 Hz) or 30 fps (48000 Hz)",
-            )
+        check_quantum(avatar.fps, self.settings.media.audio_rate, f"avatar {avatar.avatar_id!r}")
         if self.models is not None and (
             avatar.latents is None or avatar.manifest.get("vae_id") != self.models.vae_id
         ):
@@ -156,6 +149,18 @@ class Runtime:
             # Crops, latents and placements were cut with the cache's stabilisers; they win.
             log.warning("avatar %s was prepared with other stabiliser settings; re-run prep to apply the "
                         "configured ones", avatar.avatar_id)
+
+    def prep_encoder(self) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
+        """The VAE crop encoder for avatars prepared while serving, and its id (None, None for lite).
+
+        Each call runs on the accelerator thread, queued with render batches, so
+        latents of a new avatar never contend with live frames for the device.
+        """
+        encoder, vae_id = latent_encoder(self.models)
+        if encoder is None:
+            return None, None
+        encode = encoder
+        return (lambda crops: self.engine.submit(encode, crops).result()), vae_id
 
     def avatar(self, avatar_id: str | None) -> Avatar:
         """A prepared avatar (the configured one when ``avatar_id`` is None), loaded on first use."""

@@ -21,14 +21,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from ..avatars.jobs import CHILD_MODULES, AvatarJobs, clean_staging
 from ..config import Settings
 from ..errors import MuseTalkWarmError
+from ..media.isolate import preload as preload_in_children
 from ..media.isolate import start as start_audio_decoder
 from ..sessions.housekeeping import prune_archives
 from ..sessions.store import SessionStore
 from .deps import require_auth
 from .middleware import STATUS_CODES, BodyLimit, ErrorShape, RequestContext, RequestGuard
-from .routes import auth, docs, health, jobs, live, sessions, speak, transports
+from .routes import auth, avatars, docs, health, jobs, live, sessions, speak, transports
 from .signing import redact_access_log
 from .routes.health import STATIC_DIR
 from .state import Warm
@@ -58,8 +60,10 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     try:
         tts = await anyio.to_thread.run_sync(tts_factory, warm.settings)
         runtime = await anyio.to_thread.run_sync(runtime_factory, warm.settings)
+        preload_in_children(*CHILD_MODULES)
         await anyio.to_thread.run_sync(start_audio_decoder)  # the first upload pays no start-up
         live = await _start_live(warm, runtime, tts)
+        warm.avatar_jobs = _avatar_jobs(warm, runtime)
     except MuseTalkWarmError as exc:
         log.error("startup failed: %s", exc)
         warm.load_error = exc
@@ -72,6 +76,12 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     warm.load_seconds = time.perf_counter() - t0
     warm.metrics.ready.set(1)
     log.info("ready in %.1f s", warm.load_seconds)
+
+
+def _avatar_jobs(warm: Warm, runtime: Any) -> AvatarJobs:
+    """Avatar preparation jobs whose latents come from the runtime's VAE."""
+    encoder, vae_id = runtime.prep_encoder()
+    return AvatarJobs(warm.settings, runtime.library, encoder, vae_id, metrics=warm.metrics)
 
 
 async def _start_live(warm: Warm, runtime: Any, tts: Any) -> Any:
@@ -103,6 +113,8 @@ def create_app(
             yield
         finally:
             loader.cancel()
+            if warm.avatar_jobs is not None:
+                await anyio.to_thread.run_sync(warm.avatar_jobs.close)  # a prep child is killed, not awaited
             if warm.live is not None:
                 await warm.live.close()  # stops every live clock and completes its record
             if warm.tasks:
@@ -128,13 +140,14 @@ def create_app(
     )
     server = settings.server
     warm = Warm(settings=settings, store=SessionStore(settings))
+    clean_staging(settings.avatar.cache_dir)  # what an interrupted avatar preparation left
     if server.reset_policy == "archive":
         prune_archives(warm.store.root, keep=server.archives_keep, max_age_days=server.archives_max_age_days,
                        max_bytes=server.archives_max_bytes)
     app.state.warm = warm
     _add_error_handlers(app)
-    for router in (speak.router, sessions.router, jobs.router, live.router, transports.router, health.router,
-                   auth.router, docs.router):
+    for router in (speak.router, avatars.router, sessions.router, jobs.router, live.router, transports.router,
+                   health.router, auth.router, docs.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount(docs.ASSETS_URL, docs.assets, name="docs_assets")

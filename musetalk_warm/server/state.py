@@ -19,6 +19,7 @@ from .limits import Admission
 from .schemas import JobStatus
 
 if TYPE_CHECKING:
+    from ..avatars.jobs import AvatarJobs
     from ..live.registry import LiveRegistry
     from ..render.runtime import Runtime
     from ..voice.tts import TTS
@@ -43,6 +44,8 @@ class Warm:
     tts: TTS | None = None
     # Live sessions and their frame scheduler; started once the runtime is loaded.
     live: LiveRegistry | None = None
+    # Avatar preparation jobs (POST /avatars); started with the runtime, whose VAE fills latents.
+    avatar_jobs: AvatarJobs | None = None
     load_error: MuseTalkWarmError | None = None
     load_seconds: float | None = None
     started: float = field(default_factory=time.monotonic)
