@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import cv2
 import numpy as np
 import pytest
 
 from conftest import PORTRAIT_FACE_WIDTH, face_in_frame
-from musetalk_warm.errors import DependencyMissing
 from musetalk_warm.avatars.landmarks import (
     MEDIAPIPE_TO_IBUG68,
-    FaceAlignmentDetector,
     MediapipeDetector,
     detect_landmarks,
 )
@@ -103,13 +99,6 @@ def test_video_tracking_follows_a_shift(face_bgr: np.ndarray) -> None:
     x1, y1, x2, y2 = first.box
     lm = first.landmarks
     assert x1 <= lm[:, 0].min() and lm[:, 0].max() <= x2 and y1 < lm[:, 1].min() and lm[:, 1].max() <= y2
-
-
-def test_face_alignment_backend_names_the_extra(face_bgr: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "face_alignment", None)  # as if not installed
-    with pytest.raises(DependencyMissing) as err:
-        FaceAlignmentDetector().detect(face_bgr)
-    assert "pip install face-alignment" in str(err.value)
 
 
 # --- small faces: full-range search, FaceMesh on an enlarged window ------------------

@@ -137,7 +137,7 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     assert manifest["vae_id"] is None and manifest["has_latents"] is False
     params = manifest["params"]
     assert params["bbox_shift"] == 0 and params["extra_margin"] == 10 and params["mask_source"] == "landmarks"
-    assert (params["expand"], params["blur_ratio"], params["landmark_backend"]) == (1.5, 0.1, "mediapipe")
+    assert (params["expand"], params["blur_ratio"], params["face_backend"]) == (1.5, 0.1, "mediapipe")
     assert manifest["versions"]["mediapipe"] and manifest["faceless_frames"] == []
     assert params["stabilise"]["affine_enabled"] and params["stabilise"]["one_euro_center"]["min_cutoff"] == 1.5
 

@@ -4,21 +4,21 @@ The default backend is mediapipe FaceMesh (its tflite models ship inside the
 wheel, so it works offline); its 478 mesh points are mapped onto the 68 iBUG
 positions by :data:`MEDIAPIPE_TO_IBUG68`. Faces too small for FaceMesh's own
 detector (wide and full-body shots) are found with mediapipe's full-range
-detector and their landmarks taken on an enlarged window. ``face_alignment`` is an optional
-backend for users who have it installed (it downloads its S3FD detector and
-FAN weights on first use). Nothing is loaded at import time.
+detector and their landmarks taken on an enlarged window. ``face_alignment``
+(S3FD + FAN, :mod:`musetalk_warm.avatars.fan`) is an optional backend.
+Nothing is loaded at import time.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from ..errors import DependencyMissing
+from ..config import FaceBackend, ModelSettings
 
 # FaceMesh index for each iBUG-68 point. Frame left/right as seen in the image
 # (iBUG point 0 is on the image's left, i.e. the subject's right side).
@@ -46,9 +46,6 @@ MEDIAPIPE_TO_IBUG68: tuple[int, ...] = (
     78, 81, 13, 311, 308, 402, 14, 178,
 )
 
-Backend = Literal["mediapipe", "face_alignment"]
-
-
 @dataclass(frozen=True)
 class Detection:
     """One face: ``landmarks`` ``[68,2]`` float32 iBUG-68 points in frame pixels;
@@ -59,11 +56,13 @@ class Detection:
 
 
 class LandmarkDetector(Protocol):
-    """Finds the main face of a BGR uint8 frame, or returns ``None``."""
+    """Finds the main face of a BGR uint8 frame, or returns ``None``; ``close`` frees it."""
 
     name: str
 
     def detect(self, frame_bgr: np.ndarray) -> Detection | None: ...
+
+    def close(self) -> None: ...
 
 
 # FaceMesh finds faces with its short-range detector, which misses faces under about a
@@ -230,68 +229,27 @@ def _mesh_points(mesh: Any, image_bgr: np.ndarray, scale: float, origin: tuple[f
     )
 
 
-class FaceAlignmentDetector:
-    """The ``face_alignment`` package (S3FD detector + 2D FAN, native iBUG-68)."""
+def make_detector(backend: FaceBackend = "mediapipe", *, video: bool = True,
+                  models: ModelSettings | None = None) -> LandmarkDetector:
+    """A detector for ``backend``; ``video`` enables frame-to-frame tracking where supported.
 
-    name = "face_alignment"
-
-    def __init__(self, device: str | None = None) -> None:
-        self.device = device
-        self._model: Any = None
-
-    def _fan(self) -> Any:
-        if self._model is None:
-            try:
-                import face_alignment
-            except ImportError as exc:
-                raise DependencyMissing(
-                    "the face_alignment landmark backend is not installed",
-                    hint="pip install face-alignment (it downloads its detector "
-                    "weights on first use), or set avatar.landmark_backend: mediapipe",
-                ) from exc
-            import torch
-
-            types = face_alignment.LandmarksType
-            two_d = getattr(types, "TWO_D", None) or getattr(types, "_2D")
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = face_alignment.FaceAlignment(two_d, device=device, flip_input=False)
-        return self._model
-
-    def detect(self, frame_bgr: np.ndarray) -> Detection | None:
-        """Landmarks of the largest face in ``frame_bgr``."""
-        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
-        found = self._fan().get_landmarks_from_image(rgb, return_bboxes=True)
-        landmarks, _, boxes = found if isinstance(found, tuple) else (found, None, None)
-        if not landmarks:
-            return None
-        spans = [np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]) for lm in landmarks]
-        best = int(np.argmax(spans))
-        points = np.asarray(landmarks[best][:, :2], dtype=np.float32)
-        if boxes is not None and len(boxes) > best:
-            x1, y1, x2, y2 = (float(v) for v in boxes[best][:4])
-        else:
-            (x1, y1), (x2, y2) = points.min(axis=0), points.max(axis=0)
-        return Detection(landmarks=points, box=(float(x1), float(y1), float(x2), float(y2)))
-
-    def close(self) -> None:
-        """Drop the networks."""
-        self._model = None
-
-
-def make_detector(
-    backend: Backend = "mediapipe", *, video: bool = True
-) -> MediapipeDetector | FaceAlignmentDetector:
-    """A detector for ``backend``; ``video`` enables frame-to-frame tracking where supported."""
+    ``models`` says where weights live and on which device to run (defaults when omitted).
+    """
     if backend == "mediapipe":
         return MediapipeDetector(video=video)
     if backend == "face_alignment":
-        return FaceAlignmentDetector()
-    raise ValueError(f"unknown landmark backend {backend!r}")
+        from ..models.musetalk import resolve_device
+        from .fan import FaceAlignmentDetector
+
+        models = models or ModelSettings()
+        return FaceAlignmentDetector(models.path(models.face_alignment_dir), str(resolve_device(models.device)))
+    raise ValueError(f"unknown face backend {backend!r}")
 
 
-def detect_landmarks(frame_bgr: np.ndarray, backend: Backend = "mediapipe") -> np.ndarray | None:
+def detect_landmarks(frame_bgr: np.ndarray, backend: FaceBackend = "mediapipe",
+                     models: ModelSettings | None = None) -> np.ndarray | None:
     """``[68,2]`` float32 iBUG-68 landmarks of one photo, or ``None`` without a face."""
-    detector = make_detector(backend, video=False)
+    detector = make_detector(backend, video=False, models=models)
     try:
         found = detector.detect(frame_bgr)
     finally:
