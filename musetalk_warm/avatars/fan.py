@@ -43,8 +43,8 @@ def load_face_alignment(weights_dir: Path, device: str) -> Any:
     if missing:
         raise WeightsMissing(
             f"face_alignment weights {', '.join(f'{weights_dir.name}/{name}' for name in missing)} not found",
-            hint="download face-alignment 1.5.0's s3fd and 2DFAN4 checkpoints into the models "
-            "directory (README, face backends), or set avatar.face_backend: mediapipe",
+            hint="fetch them with scripts/download_weights.py --with-face-alignment, "
+            "or set avatar.face_backend: mediapipe",
         )
 
     class LocalFaceAlignment(face_alignment.FaceAlignment):  # type: ignore[misc, name-defined]
