@@ -46,6 +46,7 @@ MEDIAPIPE_TO_IBUG68: tuple[int, ...] = (
     78, 81, 13, 311, 308, 402, 14, 178,
 )
 
+
 @dataclass(frozen=True)
 class Detection:
     """One face: ``landmarks`` ``[68,2]`` float32 iBUG-68 points in frame pixels;
