@@ -120,13 +120,14 @@ def _errors(found: np.ndarray, large_face_lm: np.ndarray, scale: float, at: tupl
     return np.linalg.norm(found - (large_face_lm * scale + at), axis=1)
 
 
-@pytest.mark.parametrize(("face_width", "at"), [(80, (1100, 500)), (100, (150, 60))])
-def test_small_face_in_full_hd_matches_the_large_face(
-    face_bgr: np.ndarray, large_face_lm: np.ndarray, face_width: int, at: tuple[int, int]
+@pytest.mark.parametrize(("face_width", "size", "at"),
+                         [(80, FULL_HD, (1100, 500)), (100, FULL_HD, (150, 60)), (100, (1280, 720), (500, 150))])
+def test_small_face_matches_the_large_face(
+    face_bgr: np.ndarray, large_face_lm: np.ndarray, face_width: int, size: tuple[int, int], at: tuple[int, int]
 ) -> None:
     from mediapipe.python.solutions import face_mesh
 
-    frame, scale = face_in_frame(face_bgr, face_width, FULL_HD, at)
+    frame, scale = face_in_frame(face_bgr, face_width, size, at)
     with face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True) as mesh:
         rgb = np.ascontiguousarray(frame[:, :, ::-1])
         assert mesh.process(rgb).multi_face_landmarks is None  # FaceMesh alone misses it
