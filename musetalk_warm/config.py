@@ -60,6 +60,8 @@ def check_quantum(fps: int, rate: int, what: str) -> None:
 
 # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
 BlendMode = Literal["feather", "poisson", "upstream"]
+# Face detection + 68 landmarks at prep (avatars/landmarks.py); all but mediapipe are extras.
+FaceBackend = Literal["mediapipe", "face_alignment"]
 
 
 class _Section(BaseModel):
@@ -75,6 +77,8 @@ class ModelSettings(_Section):
     vae_dir: str = "sd-vae"
     whisper_dir: str = "whisper"
     face_parsing_dir: str = "face-parse-bisent"
+    # face-alignment's S3FD and 2DFAN4 checkpoints (avatar.face_backend: face_alignment).
+    face_alignment_dir: str = "face-alignment"
     gfpgan_weights: str = "GFPGANv1.4.pth"
     # auto: MuseTalk when its weights are present, else the weightless lite renderer.
     renderer: Literal["auto", "musetalk", "tiny", "lite"] = "auto"
@@ -111,7 +115,7 @@ class AvatarSettings(_Section):
     extra_margin: int = 10
     preparation: bool = False
     fps: int = Field(25, ge=1, le=60)
-    landmark_backend: Literal["mediapipe", "face_alignment"] = "mediapipe"
+    face_backend: FaceBackend = "mediapipe"
     parsing_mode: Literal["jaw", "raw", "neck"] = "jaw"
     mask_source: Literal["auto", "parsing", "landmarks"] = "auto"
     cache_dir: Path = Path("results/avatars")

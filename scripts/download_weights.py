@@ -10,6 +10,7 @@ and exits 1 when any file failed.
     .venv/bin/python scripts/download_weights.py --only core      # UNet, VAE, Whisper only
     .venv/bin/python scripts/download_weights.py --with-enhance   # also GFPGANv1.4.pth
     .venv/bin/python scripts/download_weights.py --with-syncnet   # also LatentSync's SyncNet (for `score`)
+    .venv/bin/python scripts/download_weights.py --with-face-alignment  # S3FD + 2DFAN4 (face_backend: face_alignment)
     .venv/bin/python scripts/download_weights.py --dry-run        # list what would be fetched
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Group = Literal["core", "face", "enhance", "syncnet"]
+Group = Literal["core", "face", "enhance", "syncnet", "face_alignment"]
 _CHUNK = 1 << 20
 
 
@@ -92,6 +93,11 @@ FILES: tuple[WeightFile, ...] = (
     ),
     # The lip-sync scorer MuseTalk v1.5 was trained against (configs/training/syncnet.yaml).
     WeightFile("syncnet/latentsync_syncnet.pt", "syncnet", None, "ByteDance/LatentSync", "latentsync_syncnet.pt"),
+    # face-alignment 1.5.0's own download URLs (avatar.face_backend: face_alignment).
+    WeightFile("face-alignment/s3fd-619a316812.pth", "face_alignment", None,
+               url="https://www.adrianbulat.com/downloads/python-fan/s3fd-619a316812.pth"),
+    WeightFile("face-alignment/2DFAN4-11f355bf06.pth.tar", "face_alignment", None,
+               url="https://www.adrianbulat.com/downloads/python-fan/2DFAN4-11f355bf06.pth.tar"),
 )
 
 
@@ -100,14 +106,16 @@ class DownloadError(Exception):
 
 
 def select(
-    only: Literal["core", "all"] = "all", with_enhance: bool = False, with_syncnet: bool = False
+    only: Literal["core", "all"] = "all", with_enhance: bool = False, with_syncnet: bool = False,
+    with_face_alignment: bool = False,
 ) -> list[WeightFile]:
-    """The files to fetch: ``core`` (UNet, VAE, Whisper) or ``all`` (+ face prep), + GFPGAN / SyncNet on request."""
+    """The files to fetch: ``core`` (UNet, VAE, Whisper) or ``all`` (+ face prep), + GFPGAN / SyncNet /
+    face-alignment on request."""
     groups: set[str] = {"core"} if only == "core" else {"core", "face"}
-    if with_enhance:
-        groups.add("enhance")
-    if with_syncnet:
-        groups.add("syncnet")
+    for wanted, group in ((with_enhance, "enhance"), (with_syncnet, "syncnet"),
+                          (with_face_alignment, "face_alignment")):
+        if wanted:
+            groups.add(group)
     return [item for item in FILES if item.group in groups]
 
 
@@ -223,9 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="core: UNet, VAE, Whisper; all (default): also the face-prep weights")
     parser.add_argument("--with-enhance", action="store_true", help="also fetch GFPGANv1.4.pth")
     parser.add_argument("--with-syncnet", action="store_true", help="also fetch LatentSync's latentsync_syncnet.pt")
+    parser.add_argument("--with-face-alignment", action="store_true",
+                        help="also fetch face-alignment's S3FD and 2DFAN4 checkpoints")
     parser.add_argument("--dry-run", action="store_true", help="list what would be fetched")
     args = parser.parse_args(argv)
-    rows = sync(args.models_dir, select(args.only, args.with_enhance, args.with_syncnet), dry_run=args.dry_run)
+    wanted = select(args.only, args.with_enhance, args.with_syncnet, args.with_face_alignment)
+    rows = sync(args.models_dir, wanted, dry_run=args.dry_run)
     ok = all(row["status"] != "failed" for row in rows)
     summary = {"models_dir": str(args.models_dir), "dry_run": args.dry_run, "ok": ok, "files": rows}
     print(json.dumps(summary, indent=2))

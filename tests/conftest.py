@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import pytest
 import soundfile as sf
@@ -59,6 +60,26 @@ def face_bgr() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut()[:, :, ::-1])
+
+
+# The astronaut's face (jaw points 0..16) is this wide in the 512 px portrait (mediapipe, 2x upscaled).
+PORTRAIT_FACE_WIDTH = 92.7
+
+
+def face_in_frame(face_bgr: np.ndarray, face_width: float, frame_size: tuple[int, int],
+                  at: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """A ``(width, height)`` frame: textured background, the portrait scaled so its face is
+    ``face_width`` px wide, its top-left corner at ``at`` (cut at the frame's edges); and the scale."""
+    width, height = frame_size
+    scale = face_width / PORTRAIT_FACE_WIDTH
+    portrait = cv2.resize(face_bgr, None, fx=scale, fy=scale,
+                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    noise = np.random.default_rng(1).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    frame = cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
+    x0, y0 = at
+    h, w = min(portrait.shape[0], height - y0), min(portrait.shape[1], width - x0)
+    frame[y0 : y0 + h, x0 : x0 + w] = portrait[:h, :w]
+    return frame, scale
 
 
 def make_settings(root: Path, **sections: dict) -> "Settings":

@@ -332,6 +332,12 @@ def test_download_plan_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture
     everything = {item.path for item in dl.select("all", with_enhance=True)}
     assert {"dwpose/dw-ll_ucoco_384.pth", "face-parse-bisent/79999_iter.pth", "GFPGANv1.4.pth"} <= everything
     assert "GFPGANv1.4.pth" not in {item.path for item in dl.select("all")}
+    # The face_alignment backend's checkpoints, under the names and folder it reads them from.
+    from musetalk_warm.avatars.fan import FAN_WEIGHTS, S3FD_WEIGHTS
+
+    folder = ModelSettings().face_alignment_dir
+    fan = {item.path for item in dl.select("core", with_face_alignment=True)} - set(core)
+    assert fan == {f"{folder}/{S3FD_WEIGHTS}", f"{folder}/{FAN_WEIGHTS}"}
 
     assert dl.main(["--models-dir", str(tmp_path), "--only", "core", "--dry-run"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import face_in_frame
 from musetalk_warm.avatars.cache import Avatar, load_avatar, save_avatar
 from musetalk_warm.render.blend import composite
 from musetalk_warm.config import Settings
@@ -136,7 +137,7 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     assert manifest["vae_id"] is None and manifest["has_latents"] is False
     params = manifest["params"]
     assert params["bbox_shift"] == 0 and params["extra_margin"] == 10 and params["mask_source"] == "landmarks"
-    assert (params["expand"], params["blur_ratio"], params["landmark_backend"]) == (1.5, 0.1, "mediapipe")
+    assert (params["expand"], params["blur_ratio"], params["face_backend"]) == (1.5, 0.1, "mediapipe")
     assert manifest["versions"]["mediapipe"] and manifest["faceless_frames"] == []
     assert params["stabilise"]["affine_enabled"] and params["stabilise"]["one_euro_center"]["min_cutoff"] == 1.5
 
@@ -206,9 +207,15 @@ def test_no_face_raises_face_not_found(tmp_path: Path) -> None:
     assert not (tmp_path / "c" / "demo" / "manifest.json").exists()
 
 
+def write_image(folder: Path, image_bgr: np.ndarray) -> Path:
+    """``image_bgr`` as ``portrait.png`` in ``folder``."""
+    path = folder / "portrait.png"
+    cv2.imwrite(str(path), image_bgr)
+    return path
+
+
 def test_still_image_source(tmp_path: Path, face_bgr: np.ndarray) -> None:
-    image = tmp_path / "portrait.png"
-    cv2.imwrite(str(image), face_bgr)
+    image = write_image(tmp_path, face_bgr)
     avatar = prepare_avatar(settings_for(tmp_path / "c", video_path=image, avatar_id="still"), progress=False)
     assert len(avatar) == 1 and avatar.manifest["source"]["kind"] == "image"
     np.testing.assert_array_equal(avatar.frames[0], face_bgr)
@@ -216,17 +223,22 @@ def test_still_image_source(tmp_path: Path, face_bgr: np.ndarray) -> None:
     assert 170 < x1 < 190 and 250 < x2 < 280 and y2 > 170  # around the face of the portrait
 
 
-def test_video_file_source(tmp_path: Path) -> None:
-    frames = demo_frames(SECONDS, FPS)
-    frames[5:7] = 128  # two frames without a face (a cut to grey)
-    video = tmp_path / "avatar.mp4"
-    with av.open(str(video), "w") as out:
+def write_video(path: Path, frames: np.ndarray) -> Path:
+    """``frames`` (BGR) as an H.264 mp4 at ``FPS``."""
+    with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = 512, 512, "yuv420p"
-        stream.options = {"crf": "12"}
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "12", "preset": "ultrafast"}
         for frame in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")))
         out.mux(stream.encode())
+    return path
+
+
+def test_video_file_source(tmp_path: Path) -> None:
+    frames = demo_frames(SECONDS, FPS)
+    frames[5:7] = 128  # two frames without a face (a cut to grey)
+    video = write_video(tmp_path / "avatar.mp4", frames)
     avatar = prepare_avatar(settings_for(tmp_path / "c", video_path=video, avatar_id="vid"), progress=False)
     assert len(avatar) == len(frames) and avatar.manifest["source"]["kind"] == "video"
     assert avatar.manifest["source"]["name"] == "avatar.mp4"
@@ -242,6 +254,22 @@ def test_video_file_source(tmp_path: Path) -> None:
     capped = prepare_avatar(settings_for(tmp_path / "c", video_path=video, avatar_id="vid", max_frames=5),
                             progress=False)
     assert len(capped) == 5
+
+
+def test_small_face_in_a_full_hd_video(tmp_path: Path, face_bgr: np.ndarray) -> None:
+    # A wide shot: an 85 px face in 1920x1080, drifting 2 px a frame.
+    frame, scale = face_in_frame(face_bgr, 85, (1920, 1080), (900, 400))
+    frames = np.stack([np.roll(frame, 2 * i, axis=1) for i in range(6)])
+    video = write_video(tmp_path / "wide.mp4", frames)
+    avatar = prepare_avatar(settings_for(tmp_path / "c", video_path=video, avatar_id="wide"), progress=False)
+    assert len(avatar) == 6 and avatar.manifest["faceless_frames"] == []
+    reference = prepare_avatar(settings_for(tmp_path / "c", video_path=write_image(tmp_path, face_bgr),
+                                            avatar_id="large"), progress=False)
+    for i in range(6):
+        # The box is the large face's box scaled into the frame, within 3 px (the face is 85 px).
+        expected = (reference.boxes[0] - (0, 0, 0, 10)) * scale + (900 + 2 * i, 400, 900 + 2 * i, 410)
+        assert np.abs(avatar.boxes[i] - expected).max() <= 3, i
+        assert avatar.crops[i].shape == (256, 256, 3)
 
 
 def test_latents_are_the_encoder_of_the_crops(tmp_path: Path) -> None:
@@ -304,8 +332,7 @@ def test_unreadable_or_half_written_cache(demo_cache: tuple[Path, CountingDetect
 
 
 def test_load_or_prepare_never_detects_without_preparation(tmp_path: Path, face_bgr: np.ndarray) -> None:
-    image = tmp_path / "portrait.png"
-    cv2.imwrite(str(image), face_bgr)
+    image = write_image(tmp_path, face_bgr)
     detector = CountingDetector()
     settings = settings_for(tmp_path / "c", video_path=image, avatar_id="p")
     with pytest.raises(AvatarCacheError):
@@ -319,8 +346,7 @@ def test_load_or_prepare_never_detects_without_preparation(tmp_path: Path, face_
 
 def test_an_existing_cache_is_loaded_as_it_is(tmp_path: Path, face_bgr: np.ndarray) -> None:
     """An avatar prepared from a photo is never re-prepared from the demo for lack of a video path."""
-    image = tmp_path / "portrait.png"
-    cv2.imwrite(str(image), face_bgr)
+    image = write_image(tmp_path, face_bgr)
     detector = CountingDetector()
     prepare_avatar(settings_for(tmp_path, video_path=image, avatar_id="alice"), detector=detector, progress=False)
     manifest = tmp_path / "alice" / "manifest.json"

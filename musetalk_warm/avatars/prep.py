@@ -157,7 +157,7 @@ def prep_params(settings: Settings, mask_source: str) -> dict[str, Any]:
         "max_frames": cfg.max_frames,
         "bbox_shift": cfg.bbox_shift,
         "extra_margin": cfg.extra_margin,
-        "landmark_backend": cfg.landmark_backend,
+        "face_backend": cfg.face_backend,
         "mask_source": mask_source,
         "parsing_mode": cfg.parsing_mode if mask_source == "parsing" else None,
         "expand": render.expand,
@@ -244,7 +244,7 @@ def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector
     if detector is not None:
         return detect_all(detector), detector.name
     # Tracking across frames steadies the points of a video; a still image is one photo.
-    owned = make_detector(settings.avatar.landmark_backend, video=source.kind != "image")
+    owned = make_detector(settings.avatar.face_backend, video=source.kind != "image", models=settings.models)
     try:
         return detect_all(owned), owned.name
     finally:
@@ -363,7 +363,7 @@ def prepare_avatar(
     float32 latents and ``vae_id`` names it; without one the avatar has no
     latents (enough for the lite renderer). The cache is reused when the
     source, parameters and VAE match, unless ``force``. ``detector`` defaults
-    to a fresh ``avatar.landmark_backend`` detector (a video detector carries
+    to a fresh ``avatar.face_backend`` detector (a video detector carries
     tracking state, so pass a fresh one per source). ``on_progress`` is told
     each frame's landmarks as they are found, and the start of each later stage.
     """
