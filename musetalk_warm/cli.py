@@ -215,7 +215,7 @@ def _cmd_enhance(args: argparse.Namespace) -> None:
         from .avatars.landmarks import make_detector
 
         enhancer = FaceEnhancer.load(settings)
-        detector = make_detector(settings.avatar.landmark_backend, video=True)
+        detector = make_detector(settings.avatar.face_backend, video=True, models=settings.models)
         try:
             result = enhance_video(src, out, enhancer, detected_targets(detector, settings))
         finally:
