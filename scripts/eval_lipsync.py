@@ -34,9 +34,9 @@ import torch
 from musetalk_warm.config import Settings, load_settings
 from musetalk_warm.media.audio import resample
 from musetalk_warm.media.encode import write_clip_mp4
-from musetalk_warm.quality.articulation import articulation
+from musetalk_warm.quality.articulation import articulation, closure_frames
 from musetalk_warm.quality.clip import score_clip, track_faces
-from musetalk_warm.quality.mouth import face_height, mouth_opening
+from musetalk_warm.quality.mouth import face_height, frame_rms, mouth_opening, pearson
 from musetalk_warm.quality.syncnet import WEIGHTS_PATH, load_syncnet, tiny_syncnet
 from musetalk_warm.render.lite import LiteRenderer
 from musetalk_warm.render.runtime import Runtime
@@ -92,6 +92,12 @@ def evaluate(renderer: str, audio: np.ndarray, phones: tuple[Phone, ...], pause:
     src_lm = track_faces(avatar.frames[avatar.source_index(np.arange(pause.start, pause.stop))])
     height = face_height(src_lm)
     diff = np.abs(mouth_opening(out_lm, height) - mouth_opening(src_lm, height))
+    # The lips close on each m/b/p, voiced or not: the same correlation without those frames.
+    keep = np.ones(len(frames), bool)
+    keep[closure_frames(phones, FPS, len(frames))] = False
+    opening = mouth_opening(track_faces(frames))
+    scores["mouth"]["opening_energy_r_outside_closures"] = round(
+        pearson(opening[keep], frame_rms(audio, FPS, len(frames))[keep]), 4)
     scores["mouth"]["pause_vs_source_max"] = round(float(np.nanmax(diff)), 4)
     scores["mouth"]["pause_vs_source_mean"] = round(float(np.nanmean(diff)), 4)
     scores["renderer"] = renderer

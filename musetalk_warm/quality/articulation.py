@@ -31,6 +31,17 @@ def _frames(phone: Timed, fps: int, count: int) -> np.ndarray:
     return np.array([int(np.clip(round((phone.start + phone.end) / 2 * fps - 0.5), 0, count - 1))])
 
 
+def _reach(frames: np.ndarray, count: int) -> np.ndarray:
+    """A bilabial's frames and the one before (the lips lead the sound by up to a frame)."""
+    return np.unique(np.clip(np.concatenate([frames - 1, frames]), 0, count - 1))
+
+
+def closure_frames(phones: Iterable[Timed], fps: int, count: int) -> np.ndarray:
+    """Indices of the frames on which the lips may be closed for an m, b or p."""
+    spans = [_reach(_frames(p, fps, count), count) for p in phones if phone_shape(p.symbol)[2] == 1.0]
+    return np.unique(np.concatenate(spans)) if spans else np.zeros(0, np.int64)
+
+
 def articulation(lm: np.ndarray, phones: Iterable[Timed], fps: int) -> dict[str, float | int]:
     """Width on rounded vs spread vowels and closure on bilabials, from ``[T,68,2]`` landmarks.
 
@@ -47,8 +58,7 @@ def articulation(lm: np.ndarray, phones: Iterable[Timed], fps: int) -> dict[str,
         frames = _frames(phone, fps, len(lm))
         open_, rounding, close = phone_shape(phone.symbol)
         if close == 1.0:
-            reach = np.unique(np.clip(np.concatenate([frames - 1, frames]), 0, len(lm) - 1))
-            closures.append(float(np.nanmin(opening[reach])))
+            closures.append(float(np.nanmin(opening[_reach(frames, len(lm))])))
         elif open_ >= 0.4 and rounding != 0 and not np.all(np.isnan(width[frames])):
             (rounded if rounding > 0 else spread).append(float(np.nanmean(width[frames])))
     r, s, c = np.array(rounded), np.array(spread), np.array(closures)

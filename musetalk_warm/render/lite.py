@@ -131,13 +131,13 @@ class LiteRenderer:
         openness = self._attack_release(target, fps, p.attack_s, p.release_s)
         openness[openness < p.rest] = 0.0
         if phones is not None:
+            # Loudness opens the jaw (scaling it by the phoneme's opening was measured to
+            # decouple the mouth from the sound); the phonemes round, spread and close the lips.
             shape = shapes_from_phones(phones, fps, n)
-            openness = shape[:, 0] * np.sqrt(openness)
             rounding, close = shape[:, 1], shape[:, 2]
         else:
             rounding = np.where(openness > 0, spectral_rounding(levels[:, 1:], voiced), 0.0)
             close = np.zeros(n)
-        close = np.maximum(close, p.anticipation * np.append(close[1:], 0.0))
         rounding = self._attack_release(rounding, fps, p.round_s, p.round_s)
         out = np.stack([openness * (1.0 - close), rounding, close], axis=1)
         out[(out[:, 0] == 0) & (out[:, 2] == 0), 1] = 0.0  # at rest: exactly the source mouth

@@ -21,6 +21,7 @@ _WIDE_OPEN = {"a", "a#", "aa", "A:", "A", "aI", "aU", "0", "O:", "V"}
 _MID_OPEN = {"E", "e", "eI", "@", "@2", "@5", "3", "3:", "O", "oU", "OI", "a2"}
 _CLOSE_VOWEL = {"i:", "i", "I", "I#", "I2", "u:", "U", "u"}
 _LABIODENTAL = {"f", "v"}
+_NASAL_SPAN = (0.3, 0.0, 0.0)  # around an m's closed frame: a half-open, neutral mouth
 
 
 class Timed(Protocol):
@@ -59,10 +60,14 @@ def shapes_from_phones(phones: Iterable[Timed], fps: int, count: int, lead_s: fl
     for phone in phones:
         inside = (times >= phone.start) & (times < phone.end)
         shape = phone_shape(phone.symbol)
-        out[inside] = shape
+        # b and p are silent closures, shut throughout; an m hums through closed lips, so
+        # they meet on two frames of it (one is lost to video coding) and the rest stays
+        # half-open, following the sound.
+        nasal = phone.symbol.strip("'\",%=") == "m"
+        out[inside] = _NASAL_SPAN if nasal else shape
         if shape[2] == 1.0 and count:
-            closures.append(int(np.clip(round((phone.start + phone.end) / 2 * fps - 0.5 - lead_s * fps),
-                                        0, count - 1)))
+            middle = round((phone.start + phone.end) / 2 * fps - 0.5 - lead_s * fps)
+            closures += [int(np.clip(f, 0, count - 1)) for f in ((middle, middle + 1) if nasal else (middle,))]
     # After every span is painted, so a neighbouring phone cannot take the frame back
     # (a bilabial at the very start leads into frame 0, which the next phone covers).
     out[closures] = (0.0, 0.0, 1.0)
