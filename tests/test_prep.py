@@ -129,8 +129,9 @@ def test_demo_prep_writes_a_complete_cache(demo_cache: tuple[Path, CountingDetec
     folder = cache / "demo"
     assert {p.name for p in folder.iterdir()} == {"frames.mkv", "arrays.safetensors", "manifest.json"}
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and manifest["avatar_id"] == "demo"
-    assert manifest["frames_codec"] == {"codec": "libx264rgb", "crf": 4}
+    assert manifest["format_version"] == 4 and manifest["avatar_id"] == "demo"
+    assert manifest["frames_codec"] == {"codec": "libx264rgb", "preset": "medium", "crf": 6,
+                                        "bytes": (folder / "frames.mkv").stat().st_size}
     assert (manifest["fps"], manifest["num_frames"], manifest["frame_size"]) == (FPS, n, [512, 512])
     assert manifest["source"]["kind"] == "demo" and len(manifest["source"]["sha256"]) == 64
     assert manifest["vae_id"] is None and manifest["has_latents"] is False

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import safe_name
 from ..errors import NotFound
-from .cache import Avatar, cache_bytes, load_avatar, read_manifest
+from .cache import DEFAULT_FRAMES_CRF, Avatar, cache_bytes, load_avatar, read_manifest
 
 
 class AvatarLibrary:
@@ -28,7 +28,7 @@ class AvatarLibrary:
     ``max_loaded`` 0 means no cap.
     """
 
-    def __init__(self, cache_root: str | Path, *, max_loaded: int = 0, frames_crf: int = 4,
+    def __init__(self, cache_root: str | Path, *, max_loaded: int = 0, frames_crf: int = DEFAULT_FRAMES_CRF,
                  check: Callable[[Avatar], None] | None = None) -> None:
         self.root = Path(cache_root)
         self.max_loaded = max_loaded
