@@ -152,7 +152,7 @@ def test_progressive_reads_wait_only_for_the_items_they_touch() -> None:
 
     progress = Progress(3, work(), lambda exc: RuntimeError(str(exc)))
     array = ProgressiveArray(buffer, progress)
-    assert array.shape == (3, 2) and len(array) == 3 and progress.done == 0
+    assert array.shape == (3, 2) and len(array) == 3 and array.dtype == np.int64 and progress.done == 0
     gates[0].set()
     assert array[0].tolist() == [1, 1] and array[:1].tolist() == [[1, 1]]
     got: list[np.ndarray] = []
@@ -163,7 +163,8 @@ def test_progressive_reads_wait_only_for_the_items_they_touch() -> None:
     gates[1].set()
     gates[2].set()
     reader.join(5)
-    assert got[0].tolist() == [[1, 1], [3, 3]] and np.asarray(array).sum() == 12
+    assert got[0].tolist() == [[1, 1], [3, 3]] and np.asarray(array).sum() == 12 and array.astype(float).sum() == 12
+    assert not (array - buffer).any() and (buffer == array).all()  # operators see the filled array
 
 
 def test_progressive_work_errors_reach_every_reader() -> None:
@@ -214,3 +215,22 @@ def test_library_finds_a_cache_written_later_and_refuses_unknown_ids(tmp_path: P
             library.get(bad)
         with pytest.raises(NotFound):
             library.describe(bad)
+
+
+def test_stopped_progress_fails_readers_instead_of_hanging() -> None:
+    release = threading.Event()
+
+    def work():
+        yield 0
+        release.wait(5)
+        yield 1
+
+    progress = Progress(3, work(), lambda exc: RuntimeError(f"damaged: {exc}"))
+    array = ProgressiveArray(np.arange(3), progress)
+    assert array[0] == 0
+    stopper = threading.Thread(target=progress.stop)
+    stopper.start()
+    release.set()
+    stopper.join(5)
+    with pytest.raises(RuntimeError, match="stopped"):
+        array[2]

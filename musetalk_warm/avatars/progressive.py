@@ -4,14 +4,17 @@ Decoding a 720p avatar's frames takes seconds on a small CPU, far longer than
 reading the rest of its cache. :class:`Progress` runs that work in a daemon
 thread, item 0 first; :class:`ProgressiveArray` and :class:`ProgressiveList` are
 the array and the list of masks the renderers index as before: an index, slice
-or index array blocks only until the items it touches are there, and
-``np.asarray`` (or ``np.array``) until all are. Renderers read frames in cycle
+or index array blocks only until the items it touches are there; ``shape``,
+``dtype`` and ``len`` never block; ``np.asarray``, operators and any other
+ndarray method wait until all are. Renderers read frames in cycle
 order 0, 1, 2, …, so they rarely wait.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,7 +35,9 @@ class Progress:
         self._error: Exception | None = None
         self._on_error = on_error
         self._cond = threading.Condition()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        _running.add(self)
         self._thread.start()
 
     @property
@@ -43,6 +48,8 @@ class Progress:
     def _run(self, work: Iterable[Any]) -> None:
         try:
             for _ in work:
+                if self._stop.is_set():
+                    raise RuntimeError("stopped before the last item")
                 with self._cond:
                     self._done += 1
                     self._cond.notify_all()
@@ -61,6 +68,21 @@ class Progress:
                 self._cond.wait()
             if self._done < need and self._error is not None:
                 raise self._error
+
+    def stop(self) -> None:
+        """End the work after the item in hand; readers of later items get the error."""
+        self._stop.set()
+        self._thread.join()
+
+
+_running: weakref.WeakSet[Progress] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A daemon thread killed inside a native decoder or OpenCV at exit can abort the process.
+    for progress in list(_running):
+        progress.stop()
 
 
 def _items_touched(key: Any, count: int) -> int:
@@ -108,6 +130,13 @@ class ProgressiveArray:
         if copy:
             return np.array(self._buffer, dtype=dtype)
         return self._buffer if dtype is None else self._buffer.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other ndarray attribute (astype, copy, mean, ...) is that of the whole, filled array.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._progress.wait()
+        return getattr(self._buffer, name)
 
 
 class ProgressiveList(Sequence[np.ndarray]):
