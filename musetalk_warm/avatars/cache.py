@@ -105,7 +105,7 @@ def _hint(avatar_id: str) -> str:
     return _PREP_HINT.format(id=avatar_id)
 
 
-def pack_masks(masks: tuple[np.ndarray, ...] | list[np.ndarray]) -> dict[str, np.ndarray]:
+def pack_masks(masks: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Masks as one buffer of PNGs plus ``[N+1]`` offsets (blurred masks compress ~20x losslessly)."""
     blobs = []
     for mask in masks:
