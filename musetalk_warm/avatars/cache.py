@@ -2,10 +2,10 @@
 
 `Avatar` is what the render engine consumes; `save_avatar` / `load_avatar`
 keep it under ``<cache_dir>/<avatar_id>/`` compactly and in safe formats
-(never pickle): ``frames.mkv`` (RGB H.264, near-lossless by default),
-``arrays.safetensors`` (boxes, landmarks, placements, fp16 latents and the
-blend masks as PNGs) and ``manifest.json``. Loading reads the small arrays and
-returns; frames are decoded, crops cut from them and masks unpacked in a
+(never pickle): ``frames.mkv`` and ``crops.mkv`` (RGB H.264, near-lossless
+by default), ``arrays.safetensors`` (boxes, landmarks, placements, fp16
+latents and the blend masks as PNGs) and ``manifest.json``. Loading reads the
+small arrays and returns; frames and crops are decoded and masks unpacked in a
 background thread (:mod:`.progressive`), and a read of a frame not decoded yet
 waits for it.
 """
@@ -88,12 +88,14 @@ class Avatar:
 
 
 FORMAT_VERSION = 4
-# Format 3 (fp32 latents, frames' byte count not in the manifest) is migrated in
-# place on first load, its frames kept as they are; format 2 (raw frames.npy /
-# crops.npy, one safetensors entry per mask) is re-coded.
+# Format 3 (no crops.mkv: crops cut again at every load, fp32 latents) is
+# migrated in place on first load, its frames kept as they are; format 2 (raw
+# frames.npy / crops.npy, one safetensors entry per mask) is re-coded.
 LEGACY_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 _FRAMES = "frames.mkv"
+# Cutting a 256² LANCZOS4 crop costs ~10x decoding one; stored, they add ~4 % to the frames.
+_CROPS = "crops.mkv"
 _ARRAYS = "arrays.safetensors"
 _LEGACY_FILES = ("frames.npy", "crops.npy", "masks.safetensors")
 DEFAULT_FRAMES_CRF = 6
@@ -130,9 +132,8 @@ def unpack_mask(data: np.ndarray, offsets: np.ndarray, index: int) -> np.ndarray
 def save_avatar(avatar: Avatar, cache_root: str | Path, *, frames_crf: int = DEFAULT_FRAMES_CRF) -> Path:
     """Write ``avatar`` under ``<cache_root>/<avatar_id>/`` and return that folder.
 
-    Frames are stored as RGB H.264 at ``frames_crf`` (0 = lossless; always 0
-    for a one-frame photo avatar), masks as PNGs, latents as fp16, crops not at
-    all (they are cut again from the frames at load). Each file is
+    Frames and crops are stored as RGB H.264 at ``frames_crf`` (0 = lossless;
+    always 0 for a one-frame photo avatar), masks as PNGs, latents as fp16. Each file is
     replaced atomically. The old manifest is removed first and the new one
     written last, so an interrupted save leaves a cache that
     :func:`load_avatar` refuses instead of a mix of old and new files.
@@ -145,11 +146,23 @@ def save_avatar(avatar: Avatar, cache_root: str | Path, *, frames_crf: int = DEF
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     atomic_write_stream(folder / _FRAMES, lambda fh: write_frames(fh, avatar.frames, avatar.fps, frames_crf))
+    _write_crops(folder, avatar.crops, avatar.fps, frames_crf)
     for name in _LEGACY_FILES:
         (folder / name).unlink(missing_ok=True)
-    codec = {"codec": CODEC, "preset": PRESET, "crf": frames_crf, "bytes": (folder / _FRAMES).stat().st_size}
+    codec = {"codec": CODEC, "preset": PRESET, "crf": frames_crf, **_coded_bytes(folder)}
     _write_arrays_and_manifest(folder, avatar, codec)
     return folder
+
+
+def _write_crops(folder: Path, crops: np.ndarray, fps: int, crf: int) -> None:
+    from ..media.framepack import write_frames
+
+    atomic_write_stream(folder / _CROPS, lambda fh: write_frames(fh, crops, fps, crf))
+
+
+def _coded_bytes(folder: Path) -> dict[str, int]:
+    """Sizes of the coded files, kept in the manifest: a truncated file is refused at load."""
+    return {"bytes": (folder / _FRAMES).stat().st_size, "crops_bytes": (folder / _CROPS).stat().st_size}
 
 
 def save_latents(avatar: Avatar, cache_root: str | Path) -> None:
@@ -236,8 +249,9 @@ def load_avatar(avatar_id: str, cache_root: str | Path, *, frames_crf: int = DEF
             return _migrate(folder, manifest, frames_crf)
         n = int(manifest["num_frames"])
         arrays = st_numpy.load_file(str(folder / _ARRAYS))
-        if (folder / _FRAMES).stat().st_size != int(manifest["frames_codec"]["bytes"]):
-            raise MediaError("the frames file is not the size its manifest says")
+        stored = {k: int(manifest["frames_codec"][k]) for k in ("bytes", "crops_bytes")}
+        if _coded_bytes(folder) != stored:
+            raise MediaError("a coded file is not the size its manifest says")
         frames, crops, masks = _decode_behind(folder, manifest, arrays)
         latents = arrays.get("latents")
         avatar = Avatar(
@@ -275,23 +289,22 @@ def _decode_behind(folder: Path, manifest: dict[str, Any],
     frame 0 while later frames decode.
     """
     from ..media.framepack import iter_frames
-    from .stabilise import crop_face  # stabilise imports this module's CROP_SIZE
 
     n = int(manifest["num_frames"])
     width, height = (int(v) for v in manifest["frame_size"])
-    placements, mask_png, mask_offsets = arrays["placements"], arrays["mask_png"], arrays["mask_offsets"]
+    mask_png, mask_offsets = arrays["mask_png"], arrays["mask_offsets"]
     frames = np.empty((n, height, width, 3), np.uint8)
     crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), np.uint8)
     masks: list[np.ndarray | None] = [None] * n
-    if len(mask_offsets) != n + 1 or len(placements) != n:
-        raise ValueError("the masks or placements do not match the frame count")
+    if len(mask_offsets) != n + 1:
+        raise ValueError("the masks do not match the frame count")
 
     def work() -> Iterator[int]:
-        for i, frame in enumerate(iter_frames(folder / _FRAMES, height, width)):
+        coded = zip(iter_frames(folder / _FRAMES, height, width), iter_frames(folder / _CROPS, CROP_SIZE, CROP_SIZE))
+        for i, (frame, crop) in enumerate(coded):
             if i >= n:
-                raise MediaError("the frames file holds more frames than its manifest says")
-            frames[i] = frame
-            crops[i] = crop_face(frame, placements[i])
+                raise MediaError("a coded file holds more frames than its manifest says")
+            frames[i], crops[i] = frame, crop
             masks[i] = unpack_mask(mask_png, mask_offsets, i)
             yield i
 
@@ -326,18 +339,27 @@ def _migrate(folder: Path, manifest: dict[str, Any], frames_crf: int) -> Avatar:
 
 
 def _migrate_format3(folder: Path, manifest: dict[str, Any]) -> None:
-    """Format 3 differs only in its arrays and manifest: the coded frames are kept as they are."""
+    """Format 3 cut its crops at every load: cut them once and store them; the coded frames are
+    kept as they are (``prep --force`` codes them again, smaller)."""
+    from ..media.framepack import read_frames
+    from .stabilise import cut_crops  # stabilise imports this module's CROP_SIZE
+
     arrays = st_numpy.load_file(str(folder / _ARRAYS))
+    width, height = (int(v) for v in manifest["frame_size"])
+    crops = cut_crops(read_frames(folder / _FRAMES, int(manifest["num_frames"]), height, width), arrays["placements"])
+    # Format 3 coded its frames at preset veryfast.
+    codec = {"preset": "veryfast", **manifest["frames_codec"]}
+    (folder / MANIFEST).unlink()
+    _write_crops(folder, crops, int(manifest["fps"]), int(codec["crf"]))
+    codec.update(_coded_bytes(folder))
     if "latents" in arrays:
         arrays["latents"] = arrays["latents"].astype(np.float16)
-    codec = {**manifest["frames_codec"], "bytes": (folder / _FRAMES).stat().st_size}
-    (folder / MANIFEST).unlink()
     atomic_write_stream(folder / _ARRAYS, lambda fh: fh.write(st_numpy.save(arrays)))
     _write_manifest(folder, {**manifest, "format_version": FORMAT_VERSION, "frames_codec": codec})
 
 
 def _migrate_format2(folder: Path, manifest: dict[str, Any], frames_crf: int) -> None:
-    """Format 2 held raw frames and crops: the frames are coded, the crops dropped."""
+    """Format 2 held raw frames and crops: both are coded."""
     avatar_id, n = folder.name, int(manifest["num_frames"])
     arrays = st_numpy.load_file(str(folder / _ARRAYS))
     stored = st_numpy.load_file(str(folder / "masks.safetensors"))
