@@ -274,6 +274,7 @@ def load_avatar(avatar_id: str, cache_root: str | Path, *, frames_crf: int = DEF
 
 
 def _damaged(avatar_id: str, exc: Exception) -> AvatarCacheError:
+    """The error a damaged cache raises, at load or at the read that found the damage."""
     error = AvatarCacheError(f"the cache of avatar {avatar_id!r} is damaged ({type(exc).__name__})",
                              hint=_hint(avatar_id) + " with --force")
     error.__cause__ = exc
