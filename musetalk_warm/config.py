@@ -120,7 +120,7 @@ class AvatarSettings(_Section):
     mask_source: Literal["auto", "parsing", "landmarks"] = "auto"
     cache_dir: Path = Path("results/avatars")
     # Frames are stored as RGB H.264 at this CRF: 0 is lossless, 4 about 50 dB PSNR.
-    cache_crf: int = Field(4, ge=0, le=51)
+    cache_crf: int = Field(6, ge=0, le=51)
     # Prepared avatars held decoded in memory at once (least recently used dropped); 0 = no cap.
     max_loaded: int = Field(4, ge=0)
     max_frames: int = Field(0, ge=0)

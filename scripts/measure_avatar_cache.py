@@ -1,17 +1,20 @@
-"""Avatar cache size, load time and fidelity, before (format 2) and after (format 3).
+"""Avatar cache size, load time and fidelity of the current cache format.
 
 ``python -m scripts.measure_avatar_cache [--seconds 10] [--sources demo 720p 1080p]
-[--crfs 2 3 4 6] [--out results/avatar_cache.json]``
+[--crfs 4 6 8] [--work DIR] [--before FILE] [--out results/avatar_cache.json]``
 
 Each source is prepared for real (mediapipe landmarks, landmark masks, a seeded
 tiny VAE for latents of the official shape) from an H.264 file, as an upload
 would be. ``demo`` is the built-in demo avatar (512x512); ``720p`` / ``1080p``
 put the same swaying portrait on a photo background with mild sensor noise and
-code it at CRF 23, like a phone video. For each source: bytes on disk in
-format 2 (raw frames and crops, as the format before) and format 3, load time,
-PSNR and largest error of the frames read back against those prep saw, and the
-memory a loaded avatar holds. ``--crfs`` sweeps the frame codec on the 720p
-source (the measurement behind ``avatar.cache_crf``).
+code it at CRF 23, like a phone video. For each source: bytes on disk by file
+and by array, and three timings of a load: until :func:`load_avatar` returns,
+until frame 0 (frame, crop, mask) can be read, and until every frame is
+decoded; PSNR and largest error of the frames read back against those prep
+saw; the memory a loaded avatar holds. ``--work`` keeps sources and caches
+between runs (prep is then a no-op load); ``--before`` adds the rows of an
+earlier measurement to the output; ``--crfs`` sweeps the frame codec on the
+720p source (the measurement behind ``avatar.cache_crf``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -100,59 +103,77 @@ def write_format2(avatar: Avatar, root: Path) -> Path:
     return folder
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def fidelity(decoded: np.ndarray, seen: np.ndarray) -> dict[str, float]:
-    diff = np.abs(decoded.astype(np.int16) - seen.astype(np.int16))
-    return {"psnr_db": round(psnr(decoded, seen), 2), "max_abs_error": int(diff.max()),
-            "share_within_1_level": round(float(np.mean(diff <= 1)), 4)}
+    """PSNR, largest error and share within 1 level of ``decoded`` against ``seen`` (frame by frame:
+    a float copy of 10 s of 1080p would take gigabytes)."""
+    squared, worst, within = 0.0, 0, 0
+    for a, b in zip(decoded, seen, strict=True):
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        squared += float(np.sum(diff.astype(np.float64) ** 2))
+        worst, within = max(worst, int(diff.max())), within + int(np.count_nonzero(diff <= 1))
+    size = seen.size
+    mse = squared / size
+    return {"psnr_db": round(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse), 2),
+            "max_abs_error": worst, "share_within_1_level": round(within / size, 4)}
 
 
-def loaded_bytes(avatar: Avatar) -> int:
-    arrays = [avatar.frames, avatar.crops, avatar.boxes, avatar.landmarks, avatar.crop_boxes, avatar.placements,
-              *avatar.masks]
-    if avatar.latents is not None:
-        arrays.append(avatar.latents)
-    return int(sum(np.asarray(a).nbytes for a in arrays))
+def loaded_bytes(avatar: Avatar) -> dict[str, float]:
+    """MB a loaded avatar holds, by array (all decoded)."""
+    parts = {"frames": [avatar.frames], "crops": [avatar.crops], "masks": list(avatar.masks),
+             "latents": [] if avatar.latents is None else [avatar.latents],
+             "other": [avatar.boxes, avatar.landmarks, avatar.crop_boxes, avatar.placements]}
+    sizes = {k: sum(np.asarray(a).nbytes for a in arrays) / 1e6 for k, arrays in parts.items()}
+    return {k: round(v, 1) for k, v in {**sizes, "total": sum(sizes.values())}.items()}
+
+
+def timed_load(name: str, root: Path) -> tuple[Avatar, dict[str, float]]:
+    """Load, then wait for frame 0 and for all frames: the three moments a caller can see."""
+    t0 = time.perf_counter()
+    avatar = load_avatar(name, root)
+    returned = time.perf_counter() - t0
+    _ = avatar.frames[0], avatar.crops[0], avatar.masks[0]
+    first = time.perf_counter() - t0
+    _ = np.asarray(avatar.frames), np.asarray(avatar.crops), avatar.masks[-1]
+    return avatar, {"load_s": returned, "first_frame_s": first, "all_decoded_s": time.perf_counter() - t0}
 
 
 def measure_source(name: str, seconds: float, work: Path, models: Any) -> tuple[dict[str, Any], np.ndarray]:
     fps = 25
-    overrides: dict[str, Any] = {"avatar_id": name, "cache_dir": str(work / "v3"), "mask_source": "landmarks",
+    root = work / "caches"
+    overrides: dict[str, Any] = {"avatar_id": name, "cache_dir": str(root), "mask_source": "landmarks",
                                  "demo_seconds": seconds, "fps": fps}
     if name != "demo":
-        source = work / f"{name}.mp4"
-        write_source(source, scene_frames(*SIZES[name], seconds, fps), fps)
+        source = work / f"{name}-{seconds:g}s.mp4"
+        if not source.is_file():
+            write_source(source, scene_frames(*SIZES[name], seconds, fps), fps)
         overrides["video_path"] = str(source)
     settings = load_settings(None, {"avatar": overrides, "models": {"renderer": "tiny"}})
     seen = read_frames(describe_source(settings), settings)
+    manifest = root / name / MANIFEST
+    written = manifest.stat().st_mtime_ns if manifest.is_file() else None
     t0 = time.perf_counter()
     prepare_avatar(settings, encoder=partial(encode_latents, models, batch_size=16), vae_id=models.vae_id,
                    progress=False)
     prep_s = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        avatar = load_avatar(name, work / "v3")
-        times.append(time.perf_counter() - t0)
-    after = cache_bytes(name, work / "v3")
-    before_avatar = replace(avatar, frames=seen)
-    write_format2(before_avatar, work / "v2")
-    before = cache_bytes(name, work / "v2")
+    reused = manifest.stat().st_mtime_ns == written  # a current cache in --work: prep only loaded it
+    runs = [timed_load(name, root) for _ in range(3)]
+    avatar = runs[-1][0]
+    timings = {k: round(statistics.median(r[1][k] for r in runs), 3) for k in runs[0][1]}
     n = len(avatar)
-    height, width = seen.shape[1:3]
+    folder = root / name
+    arrays = st_numpy.load_file(str(folder / "arrays.safetensors"))
+    total = cache_bytes(name, root)
     return {
-        "source": name, "frame_size": [width, height], "frames": n, "seconds": n / fps,
-        "format2_bytes": before, "format3_bytes": after,
-        "format2_mb_per_frame": round(before / n / 1e6, 4), "format3_mb_per_frame": round(after / n / 1e6, 4),
-        "ratio": round(before / after, 1),
-        "load_s_median": round(statistics.median(times), 3),
-        "prep_s": round(prep_s, 2), "prep_frames_per_s": round(n / prep_s, 1),
-        "loaded_mb": round(loaded_bytes(avatar) / 1e6, 1),
-        **fidelity(avatar.frames, seen),
+        "source": name, "frame_size": [seen.shape[2], seen.shape[1]], "frames": n, "seconds": n / fps,
+        "format_version": avatar.manifest["format_version"], "frames_codec": avatar.manifest["frames_codec"],
+        "bytes": total, "mb_per_frame": round(total / n / 1e6, 4),
+        "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir())},
+        "array_bytes": {k: int(v.nbytes) for k, v in sorted(arrays.items())},
+        **timings,
+        "prep_s": None if reused else round(prep_s, 2),
+        "loaded_mb": loaded_bytes(avatar),
+        "loadavg_1m": round(os.getloadavg()[0], 1),
+        **fidelity(np.asarray(avatar.frames), seen),
     }, seen
 
 
@@ -180,21 +201,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.measure_avatar_cache", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--sources", nargs="+", default=["demo", "720p", "1080p"], choices=["demo", *SIZES])
-    parser.add_argument("--crfs", nargs="*", type=int, default=[2, 3, 4, 6])
+    parser.add_argument("--crfs", nargs="*", type=int, default=[4, 6, 8])
+    parser.add_argument("--work", help="folder kept between runs (default: a temporary one)")
+    parser.add_argument("--before", help="JSON rows of an earlier measurement to include")
+    parser.add_argument("--machine", default="", help="a description of the machine, for the output")
     parser.add_argument("--out", default="results/avatar_cache.json")
     args = parser.parse_args(argv)
     models = tiny_models(0)
     rows, sweep = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.sources:
-            row, seen = measure_source(name, args.seconds, Path(tmp), models)
+            row, seen = measure_source(name, args.seconds, work, models)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if name == "720p" and args.crfs:
                 sweep = crf_sweep(seen, args.crfs)
                 print(json.dumps(sweep), flush=True)
-    result = {"machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count()},
+    result = {"machine": {"description": args.machine, "platform": platform.platform(), "cpu_count": os.cpu_count()},
               "seconds": args.seconds, "sources": rows, "crf_sweep_720p": sweep}
+    if args.before:
+        result["before"] = json.loads(Path(args.before).read_text())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

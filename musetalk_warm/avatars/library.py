@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import safe_name
 from ..errors import Conflict, NotFound
-from .cache import MANIFEST, Avatar, cache_bytes, load_avatar, read_manifest
+from .cache import DEFAULT_FRAMES_CRF, MANIFEST, Avatar, cache_bytes, load_avatar, read_manifest
 
 # Avatars being prepared (and deleted ones on their way out) live here; never an avatar id
 # (ids start with a letter or digit), so listing skips it.
@@ -35,7 +35,7 @@ class AvatarLibrary:
     ``max_loaded`` 0 means no cap.
     """
 
-    def __init__(self, cache_root: str | Path, *, max_loaded: int = 0, frames_crf: int = 4,
+    def __init__(self, cache_root: str | Path, *, max_loaded: int = 0, frames_crf: int = DEFAULT_FRAMES_CRF,
                  check: Callable[[Avatar], None] | None = None) -> None:
         self.root = Path(cache_root)
         self.max_loaded = max_loaded

@@ -42,7 +42,7 @@ from .demo import DEMO_SOURCE_ID, demo_frames, demo_source_sha256
 from ..errors import AvatarCacheError, BadInput, ConfigError, FaceNotFound, MediaError
 from .landmarks import Detection, LandmarkDetector, make_detector
 from .masks import Box, blend_mask, crop_box, landmark_segment
-from .stabilise import crop_face, placed_box, plan
+from .stabilise import cut_crops, placed_box, plan
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def prepare_avatar(
     boxes, landmarks, notes = _boxes(frames, found, settings, source)
     report("placements", 0, len(frames))
     placements = _placements(frames, boxes, landmarks, settings)
-    crops = np.stack([crop_face(frame, t) for frame, t in zip(frames, placements)])
+    crops = cut_crops(frames, placements)
     placed = np.array([placed_box(t) for t in placements], dtype=np.int32)
     report("masks", 0, len(frames))
     masks, crop_boxes = _masks(frames, placed, landmarks, settings, mask_source)

@@ -164,6 +164,11 @@ def crop_face(frame: np.ndarray, transform: np.ndarray) -> np.ndarray:
     return cv2.warpAffine(frame, transform, (CROP_SIZE, CROP_SIZE), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
+def cut_crops(frames: np.ndarray, transforms: np.ndarray) -> np.ndarray:
+    """``[N,256,256,3]``: :func:`crop_face` of each frame at its transform."""
+    return np.stack([crop_face(frame, t) for frame, t in zip(frames, transforms, strict=True)])
+
+
 def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The ``[2,3]`` affine ``outer ∘ inner``."""
     return outer[:, :2] @ inner + np.concatenate([np.zeros((2, 2)), outer[:, 2:]], axis=1)
