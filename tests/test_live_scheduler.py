@@ -226,3 +226,20 @@ def test_device_composited_batches_match_the_host_path(tmp_path: Path, tiny_mode
     faceless = replace(a, manifest={**a.manifest, "faceless_frames": [5]})
     assert render_on_device(device, [FrameJob(faceless, 5, cond[0])], render) is None
     assert render_on_device(device, jobs, render.model_copy(update={"blend_mode": "poisson"})) is None
+
+
+def test_batch_cost_is_interpolated_between_measured_sizes() -> None:
+    """Small batches cost more per frame than full ones: planning reads the cost of the batch it
+    will get, capacity the most efficient size."""
+    from musetalk_warm.live.scheduler import CostModel
+
+    cost = CostModel()
+    assert cost.batch_s(4) == 0.0 and cost.per_frame_s is None
+    cost.observe(1, 0.012)
+    cost.observe(32, 0.128)
+    assert cost.per_frame_s == pytest.approx(0.004)  # capacity: 250 frames/s at full batches
+    assert cost.batch_s(1) == pytest.approx(0.012)
+    assert cost.batch_s(16) == pytest.approx(0.012 + 0.116 * 15 / 31)
+    assert cost.batch_s(64) == pytest.approx(0.256)
+    cost.observe(32, 0.228)  # slower now: the estimate moves a fifth of the way
+    assert cost.batch_s(32) == pytest.approx(0.148)

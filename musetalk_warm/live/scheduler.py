@@ -94,14 +94,19 @@ class CostModel:
         self.per_frame_s = min(s / n for n, s in self._batch_s.items())
 
     def batch_s(self, frames: int) -> float:
-        """Expected seconds of a batch of ``frames``: as the nearest size seen at or above it, else scaled."""
+        """Expected seconds of a batch of ``frames``: interpolated between the sizes seen around it
+        (scaled from the nearest one outside them)."""
         if not self._batch_s:
             return (self.per_frame_s or 0.0) * frames
-        above = [n for n in self._batch_s if n >= frames]
-        if above:
-            return self._batch_s[min(above)]
-        largest = max(self._batch_s)
-        return self._batch_s[largest] * frames / largest
+        if frames in self._batch_s:
+            return self._batch_s[frames]
+        below = [n for n in self._batch_s if n < frames]
+        above = [n for n in self._batch_s if n > frames]
+        if below and above:
+            a, b = max(below), min(above)
+            return self._batch_s[a] + (self._batch_s[b] - self._batch_s[a]) * (frames - a) / (b - a)
+        nearest = max(below) if below else min(above)
+        return self._batch_s[nearest] * frames / nearest
 
 
 class FrameScheduler:
@@ -194,16 +199,18 @@ class FrameScheduler:
             return np.zeros(count, np.float32)
 
     async def calibrate(self, avatar: Avatar, frames: int) -> None:
-        """Render a batch of silence to measure what a frame costs (a first one puts the avatar on the device)."""
+        """Measure what a batch of one frame and one of ``frames`` cost, rendering silence (a first,
+        unmeasured batch puts the avatar on the device): first replies are planned from the one,
+        capacity from the other."""
         cond = await self.condition(np.zeros(-(-frames * SAMPLE_RATE // avatar.fps), np.float32), avatar.fps)
         jobs = [FrameJob(avatar, int(avatar.source_index(i)), cond[i]) for i in range(len(cond))]
-        for _ in range(2):
+        for measured, size in ((False, len(jobs)), (True, 1), (True, len(jobs))):
             t0 = time.perf_counter()
-            result = await asyncio.wrap_future(self._run_on(self._render_batch, jobs))
+            result = await asyncio.wrap_future(self._run_on(self._render_batch, jobs[:size]))
             if isinstance(result, DeviceFrames):
                 await asyncio.to_thread(result.frames)
-            seconds = time.perf_counter() - t0
-        self.cost.observe(len(jobs), seconds)
+            if measured:
+                self.cost.observe(size, time.perf_counter() - t0)
 
     # -- admission -----------------------------------------------------------
     @property
