@@ -36,6 +36,13 @@ def avc_codec_string(init: bytes) -> str:
     return f"avc1.{profile:02X}{compat:02X}{level:02X}"
 
 
+def fmp4_mime(init: bytes | None) -> str:
+    """The ``MediaSource.isTypeSupported`` type of a stream with this init segment (None: none yet)."""
+    if init is None:
+        raise MediaError("no frame encoded yet")
+    return f'video/mp4; codecs="{avc_codec_string(init)}, mp4a.40.2"'
+
+
 class _Sink:
     """The muxer's output: complete top-level boxes, as init segment and ``moof``+``mdat`` pairs."""
 
@@ -96,19 +103,20 @@ class LiveFmp4:
     @property
     def mime(self) -> str:
         """The ``MediaSource.isTypeSupported`` type, once the first frame was added."""
-        if self._sink.init is None:
-            raise MediaError("no frame encoded yet")
-        return f'video/mp4; codecs="{avc_codec_string(self._sink.init)}, mp4a.40.2"'
+        return fmp4_mime(self._sink.init)
 
     def add(self, frame: LiveFrame) -> list[bytes]:
         """Encode one tick; returns what is complete: the init segment first, then fragments."""
+        return self.encode(frame.image, frame.audio)
+
+    def encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
+        """:meth:`add` of a tick's BGR image and int16 samples."""
         with self._lock:
             if self._closed:
                 raise MediaError("the live stream's encoder is closed")
-            return self._add(frame)
+            return self._encode(image, audio)
 
-    def _add(self, frame: LiveFrame) -> list[bytes]:
-        image = frame.image
+    def _encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
         pad = ((0, self._size[1] - image.shape[0]), (0, self._size[0] - image.shape[1]), (0, 0))
         if any(p[1] for p in pad):
             image = np.pad(image, pad, mode="edge")
@@ -116,10 +124,10 @@ class LiveFmp4:
         video.pts, video.time_base = self._frames, Fraction(1, self.fps)
         self._frames += 1
         packets = list(self._video.encode(video))
-        samples = np.asarray(frame.audio, np.int16).reshape(1, -1).astype(np.float32) / 32768.0
-        audio = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        audio.sample_rate = self.audio_rate
-        self._fifo.write(audio)
+        samples = np.asarray(audio, np.int16).reshape(1, -1).astype(np.float32) / 32768.0
+        sound = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        sound.sample_rate = self.audio_rate
+        self._fifo.write(sound)
         while self._fifo.samples >= AAC_FRAME:
             chunk = self._fifo.read(AAC_FRAME)
             chunk.pts, chunk.time_base = self._samples, Fraction(1, self.audio_rate)
