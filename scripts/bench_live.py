@@ -10,6 +10,7 @@ frame (TTS included), and whether idle sessions used the accelerator.
 
     python -m scripts.bench_live                                  # CPU, lite renderer
     python -m scripts.bench_live --renderer musetalk --device cuda  # official shapes, random weights
+    python -m scripts.bench_live --encode --encoder-processes 8     # MSE viewers' encoders in 8 processes
 
 Without espeak-ng (a GPU box), record the sentences elsewhere with ``--write-speech
 speech.npz`` and replay them with ``--speech speech.npz`` (the text → first frame
