@@ -171,3 +171,27 @@ def test_a_frame_larger_than_the_stream_is_refused(pool: EncoderPool) -> None:
         stream.add(big)
     assert [p[4:8] for p in stream.add(frames(1)[0])] == [b"ftyp"]  # the stream goes on
     stream.close()
+
+
+def test_a_hung_worker_times_out_and_is_replaced() -> None:
+    pool = EncoderPool(1, timeout_s=0.5)
+    pool.start()
+    try:
+        stream = pool.open(96, 64, FPS, RATE)
+        stream.add(frames(1)[0])
+        hung = pool.pids[0]
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)
+        with pytest.raises(MediaError, match="did not answer within 0.5 s"):
+            stream.add(frames(1)[0])
+        with pytest.raises(MediaError, match="SIGKILL"):
+            stream.add(frames(1)[0])
+        stream.close()
+        deadline = time.monotonic() + 5
+        while pool.pids == [hung] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool.pids != [hung]
+        ticks = frames(8)
+        assert encode(pool.open(96, 64, FPS, RATE), ticks) == encode(LiveFmp4(96, 64, FPS, RATE), ticks)
+    finally:
+        pool.close()

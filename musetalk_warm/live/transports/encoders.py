@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..session import LiveFrame
 
 ENCODE_TIMEOUT_S = 10.0
+WORKER_MODULE = __name__  # for the fork server to import before its first worker
 _STOP_S = 5.0
 # Pool → worker: a kind byte and the stream's id first. Open carries the stream's shape
 # and the shared-memory name; add the tick's image shape and sample count (the data is
@@ -87,7 +88,11 @@ class PooledFmp4:
         self._pool = pool
         self._worker = worker
         self._image_bytes, audio_bytes = _slot_layout(width, height, fps, audio_rate)
-        self.shm = SharedMemory(f"mtw_enc_{secrets.token_hex(8)}", create=True, size=self._image_bytes + audio_bytes)
+        try:
+            self.shm = SharedMemory(f"mtw_enc_{secrets.token_hex(8)}", create=True,
+                                    size=self._image_bytes + audio_bytes)
+        except OSError as exc:
+            raise MediaError(f"no shared memory for a live stream's frames ({exc.strerror})") from None
         self._init: bytes | None = None
         # As in LiveFmp4: close waits for a running add and the slot is never written under an encode.
         self._lock = threading.Lock()
@@ -238,7 +243,7 @@ class EncoderPool:
 
     def start(self) -> None:
         """Start the workers (blocking: call off the event loop)."""
-        preload(__name__)  # effective when the fork server is not running yet
+        preload(WORKER_MODULE)  # effective when the fork server is not running yet
         with self._lock:
             self._workers = [_Worker(self) for _ in range(self.processes)]
 
@@ -334,7 +339,7 @@ def _serve(conn: Connection) -> None:
                 streams.pop(stream_id).close()
             elif kind == b"A":
                 conn.send_bytes(_answer(streams.get(stream_id), stream_id, message))
-    except EOFError:
+    except (EOFError, OSError):
         pass  # the server has gone
     finally:
         for encoding in streams.values():
