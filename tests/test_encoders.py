@@ -96,7 +96,7 @@ def test_streams_go_to_the_least_loaded_worker(pool: EncoderPool) -> None:
 def test_close_waits_for_a_running_add_then_refuses_frames(pool: EncoderPool, kind: str) -> None:
     """A viewer leaving closes its encoder from one thread while another may be encoding: close
     waits for the running frame, and the encoder refuses frames afterwards (no crash)."""
-    encoder: Fmp4Stream = LiveFmp4(96, 64, FPS, RATE, threads=1) if kind == "in-process" else pool.open(96, 64, FPS, RATE)
+    encoder: Fmp4Stream = LiveFmp4(96, 64, FPS, RATE) if kind == "in-process" else pool.open(96, 64, FPS, RATE)
     frame = frames(1)[0]
     outcome: list[str] = []
     pieces: list[bytes] = []

@@ -29,7 +29,7 @@ import numpy as np
 
 from ...errors import MediaError
 from ...media.isolate import end_child, exit_reason, preload, start_child
-from .mse import LiveFmp4, fmp4_mime
+from .mse import LiveFmp4, SerialEncoder, fmp4_mime
 
 if TYPE_CHECKING:
     from ...config import LiveSettings
@@ -77,11 +77,12 @@ def _slot_layout(width: int, height: int, fps: int, audio_rate: int) -> tuple[in
     return width * height * 3, 2 * 2 * -(-audio_rate // fps)
 
 
-class PooledFmp4:
+class PooledFmp4(SerialEncoder):
     """One viewer's fMP4 stream, encoded by a pool worker; used exactly like :class:`LiveFmp4`."""
 
     def __init__(self, pool: EncoderPool, worker: _Worker, stream_id: int, width: int, height: int, fps: int,
                  audio_rate: int, fragment_frames: int, threads: int) -> None:
+        super().__init__()  # the slot is never written under an encode either
         self.id = stream_id
         self.fps = fps
         self.audio_rate = audio_rate
@@ -94,9 +95,6 @@ class PooledFmp4:
         except OSError as exc:
             raise MediaError(f"no shared memory for a live stream's frames ({exc.strerror})") from None
         self._init: bytes | None = None
-        # As in LiveFmp4: close waits for a running add and the slot is never written under an encode.
-        self._lock = threading.Lock()
-        self._closed = False
         try:
             worker.send(_OPEN.pack(b"O", stream_id, width, height, fps, audio_rate, fragment_frames, threads)
                         + self.shm.name.encode())
@@ -110,21 +108,19 @@ class PooledFmp4:
 
     def add(self, frame: LiveFrame) -> list[bytes]:
         """Encode one tick in the worker; returns what is complete: the init segment first, then fragments."""
-        with self._lock:
-            if self._closed:
-                raise MediaError("the live stream's encoder is closed")
+        with self._serially():
             image = np.ascontiguousarray(frame.image, np.uint8)
             audio = np.ascontiguousarray(frame.audio, np.int16)
             if image.ndim != 3 or image.nbytes > self._image_bytes or self._image_bytes + audio.nbytes > self.shm.size:
                 raise MediaError("a live frame does not fit the stream it is encoded into")
             self._write(image, audio)
             reply = self._worker.ask(self.id, _ADD.pack(b"A", self.id, image.shape[0], image.shape[1], audio.size))
+            timeout = self._pool.timeout_s
             try:
-                message = reply.result(self._pool.timeout_s)
+                message = reply.result(timeout)
             except FutureTimeout:
                 self._worker.kill()  # hung: it is replaced like one that died
-                raise MediaError(f"the live stream's encoder did not answer within {self._pool.timeout_s:g} s") \
-                    from None
+                raise MediaError(f"the live stream's encoder did not answer within {timeout:g} s") from None
             pieces = _read_reply(message)
             if self._init is None and pieces and pieces[0][4:8] == b"ftyp":
                 self._init = pieces[0]
@@ -136,18 +132,13 @@ class PooledFmp4:
         slot[: image.nbytes] = image.reshape(-1)
         slot[self._image_bytes : self._image_bytes + audio.nbytes] = audio.view(np.uint8)
 
-    def close(self) -> None:
-        """Release the worker's encoder and the slot (what is buffered is dropped); waits for a running add."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._worker.send(_CLOSE.pack(b"C", self.id))
-            except MediaError:
-                pass  # the worker has ended, and its encoders with it
-            self.shm.close()
-            self.shm.unlink()
+    def _release(self) -> None:
+        try:
+            self._worker.send(_CLOSE.pack(b"C", self.id))
+        except MediaError:
+            pass  # the worker has ended, and its encoders with it
+        self.shm.close()
+        self.shm.unlink()
         self._pool.forget(self)
 
 

@@ -11,6 +11,9 @@ would stall MSE playback.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -67,11 +70,39 @@ class _Sink:
         return len(data)
 
 
-class LiveFmp4:
+class SerialEncoder(ABC):
+    """A viewer's encoder, fed from worker threads while a viewer leaving closes it from another:
+    close waits for a running add (nothing is freed under an encode) and later adds are refused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def _serially(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise MediaError("the live stream's encoder is closed")
+            yield
+
+    def close(self) -> None:
+        """Release the encoder (what is buffered is dropped: the viewer has gone); waits for a running add."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    @abstractmethod
+    def _release(self) -> None: ...
+
+
+class LiveFmp4(SerialEncoder):
     """Encode one viewer's stream of live frames into fMP4 pieces for a ``SourceBuffer``."""
 
     def __init__(self, width: int, height: int, fps: int, audio_rate: int, fragment_frames: int = 3,
                  threads: int = 1) -> None:
+        super().__init__()
         self.fps = fps
         self.audio_rate = audio_rate
         self._size = (width + width % 2, height + height % 2)
@@ -95,10 +126,6 @@ class LiveFmp4:
         self._frames = 0
         self._samples = 0
         self._init_sent = False
-        # add runs on a worker thread; a viewer leaving closes from another one, and FFmpeg
-        # must never free the muxer under a running encode.
-        self._lock = threading.Lock()
-        self._closed = False
 
     @property
     def mime(self) -> str:
@@ -111,9 +138,7 @@ class LiveFmp4:
 
     def encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
         """:meth:`add` of a tick's BGR image and int16 samples."""
-        with self._lock:
-            if self._closed:
-                raise MediaError("the live stream's encoder is closed")
+        with self._serially():
             return self._encode(image, audio)
 
     def _encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
@@ -150,13 +175,8 @@ class LiveFmp4:
             self._sink.ready = []
         return out
 
-    def close(self) -> None:
-        """Release the encoders (what is buffered is dropped: the viewer has gone); waits for a running add."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._out.close()
-            except av.error.FFmpegError:
-                pass  # closing after a failure; nothing is kept
+    def _release(self) -> None:
+        try:
+            self._out.close()
+        except av.error.FFmpegError:
+            pass  # closing after a failure; nothing is kept
