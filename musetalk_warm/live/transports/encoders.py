@@ -240,6 +240,7 @@ class EncoderPool:
 
     @property
     def pids(self) -> list[int | None]:
+        """The workers' process ids, in their places (a replaced one has a new id)."""
         with self._lock:
             return [w.process.pid for w in self._workers]
 
