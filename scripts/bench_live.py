@@ -10,6 +10,7 @@ frame (TTS included), and whether idle sessions used the accelerator.
 
     python -m scripts.bench_live                                  # CPU, lite renderer
     python -m scripts.bench_live --renderer musetalk --device cuda  # official shapes, random weights
+    python -m scripts.bench_live --encode --encoder-processes 8     # MSE viewers' encoders in 8 processes
 
 Without espeak-ng (a GPU box), record the sentences elsewhere with ``--write-speech
 speech.npz`` and replay them with ``--speech speech.npz`` (the text → first frame
@@ -27,6 +28,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -36,6 +38,7 @@ from musetalk_warm.config import Settings, apply_assignments, load_settings
 from musetalk_warm.errors import Overloaded
 from musetalk_warm.live.registry import LiveRegistry
 from musetalk_warm.live.session import LiveFrame, LiveSession, SessionClosed
+from musetalk_warm.live.transports.encoders import Fmp4Stream
 from musetalk_warm.live.transports.mse import LiveFmp4
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.sessions.store import SessionStore
@@ -64,13 +67,12 @@ def _ms(values: list[float], q: float) -> float | None:
 class Watcher:
     """Reads one session's frames and events, stamping when speech starts and idle returns."""
 
-    def __init__(self, session: LiveSession, encode: bool = False) -> None:
+    def __init__(self, session: LiveSession, encoder: Fmp4Stream | None = None) -> None:
         self.session = session
         self.frames = 0
         self.encode_s = 0.0
-        # As an MSE viewer: every frame H.264 + AAC encoded into fMP4, off the event loop.
-        self._encoder = (LiveFmp4(session.width, session.height, session.fps, session.audio_rate,
-                                  threads=session.settings.encoder_threads) if encode else None)
+        # As an MSE viewer (with an encoder): every frame H.264 + AAC encoded into fMP4, off the event loop.
+        self._encoder = encoder
         self.started: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.first_idle_after: list[tuple[float, float]] = []
@@ -165,7 +167,7 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
     sessions = [await registry.attach(f"bench{n}-{i}") for i in range(n)]
     for s in sessions:
         s._keep_lateness = True
-    watchers = [Watcher(s, encode) for s in sessions]
+    watchers = [Watcher(s, registry.open_fmp4(s) if encode else None) for s in sessions]
     await asyncio.sleep(0.5)
     before = [(s.stats.ticks, s.stats.misses, s.stats.speech_frames, len(s.stats.lateness)) for s in sessions]
     frames_before = [w.frames for w in watchers]
@@ -315,14 +317,14 @@ def stage_profile(runtime: Runtime, batches: list[int]) -> tuple[list[dict[str, 
     return rows, frames_in
 
 
-def encoder_scaling(frames: list[LiveFrame], width: int, height: int, fps: int,
+def encoder_scaling(frames: list[LiveFrame], open_stream: Callable[[], Fmp4Stream],
                     streams: list[int], per_stream: int = 50) -> list[dict[str, Any]]:
-    """Aggregate frames/s of ``n`` viewer encoders (one x264 thread each) running at once in threads:
+    """Aggregate frames/s of ``n`` viewer encoders from ``open_stream`` fed at once from threads:
     whether encodes run in parallel or queue on the interpreter lock."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one() -> None:
-        encoder = LiveFmp4(width, height, fps, 48000, threads=1)
+        encoder = open_stream()
         for k in range(per_stream):
             encoder.add(frames[k % len(frames)])
         encoder.close()
@@ -390,7 +392,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "avatar": {"cache_dir": str(root / "avatars"), "demo_seconds": 4.0,
                    **({} if args.renderer == "lite" else {"avatar_id": "bench"})},
         "server": {"sessions_dir": str(root / "sessions")},
-        "live": {"record": args.record, "max_sessions": 64, "idle_timeout_s": 0},
+        "live": {"record": args.record, "max_sessions": 64, "idle_timeout_s": 0,
+                 "encoder_processes": args.encoder_processes},
     }
     settings = load_settings(None, apply_assignments(overrides, args.set))
     runtime = await asyncio.to_thread(build_runtime, args, settings)
@@ -420,8 +423,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         stages, frames = await asyncio.wrap_future(runtime.engine.submit(
             stage_profile, runtime, [int(v) for v in args.stage_batches.split(",")]))
         height, width = runtime.avatar(None).frames.shape[1:3]
-        scaling = await asyncio.to_thread(encoder_scaling, frames, width, height, settings.avatar.fps,
-                                          [int(v) for v in args.encoder_streams.split(",")])
+        fps, counts = settings.avatar.fps, [int(v) for v in args.encoder_streams.split(",")]
+        # One x264 thread each, in threads of this process and (with --encoder-processes) in the workers.
+        scaling = await asyncio.to_thread(
+            encoder_scaling, frames, lambda: LiveFmp4(width, height, fps, 48000, threads=1), counts)
+        pool = registry.encoders
+        pooled = [] if pool is None else await asyncio.to_thread(
+            encoder_scaling, frames, lambda: pool.open(width, height, fps, 48000, threads=1), counts)
     finally:
         await registry.close()
         runtime.close()
@@ -439,6 +447,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "idle": idle,
         "stages_ms_per_frame": stages,
         "encoders_in_parallel": scaling,
+        "encoders_in_processes": pooled,
     }
 
 
@@ -454,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encode", action="store_true",
                         help="encode every frame of every session as an MSE viewer does (H.264 + AAC fMP4)")
     parser.add_argument("--encoder-streams", default="1,2", help="viewer encoders run at once (threads)")
+    parser.add_argument("--encoder-processes", type=int, default=0, metavar="K",
+                        help="encode viewers' streams in K worker processes (live.encoder_processes)")
     parser.add_argument("--stage-batches", default="1,4,8,16,32", help="batch sizes of the per-stage profile")
     parser.add_argument("--duty-sessions", default="",
                         help="session counts, in order, speaking half of the time (e.g. 16,24,32)")

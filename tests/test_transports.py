@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import numpy as np
@@ -71,8 +73,27 @@ def test_whep_refuses_bad_offers(client: TestClient) -> None:
 
 
 def test_mse_websocket_sends_mime_init_and_continuous_fragments(client: TestClient) -> None:
-    assert client.post("/sessions/mse/live", json={}).status_code == 200
-    with client.websocket_connect("/sessions/mse/mse") as ws:
+    check_mse_stream(client, "mse")
+
+
+def test_mse_websocket_with_encoder_processes(tmp_path: Path) -> None:
+    """The same stream encoded in a worker process; the worker and its shared memory end with the app."""
+    with ready_client(live_settings(tmp_path, encoder_processes=1)) as c:
+        pool = c.app.state.warm.live.encoders
+        assert pool is not None and len(pool.pids) == 1
+        worker = pool._workers[0].process
+        check_mse_stream(c, "pooled")
+        deadline = time.monotonic() + 5
+        while pool._streams and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pool._streams  # the viewer's stream closed when it left
+    assert not worker.is_alive() and worker.exitcode == 0  # stopped with the app, not killed
+    assert pool.pids == []
+
+
+def check_mse_stream(client: TestClient, session_id: str) -> None:
+    assert client.post(f"/sessions/{session_id}/live", json={}).status_code == 200
+    with client.websocket_connect(f"/sessions/{session_id}/mse") as ws:
         first = ws.receive_json()
         assert first["type"] == "init" and first["mime"].startswith('video/mp4; codecs="avc1.42')
         assert "mp4a.40.2" in first["mime"]
@@ -98,37 +119,3 @@ def test_ice_servers_come_from_config(tmp_path) -> None:
     with TestClient(app) as c:
         assert c.get("/live/ice-servers").json() == {"ice_servers": [turn, {"urls": ["stun:stun.example.org"]}]}
         assert app.state.webrtc._configuration().iceServers[0].urls == turn["urls"]
-
-
-def test_mse_encoder_closes_safely_while_another_thread_encodes() -> None:
-    """A viewer leaving closes its encoder from one worker thread while another may be encoding:
-    close waits for the running frame, and the encoder refuses frames afterwards (no crash)."""
-    import threading
-    import time
-
-    from musetalk_warm.errors import MediaError
-    from musetalk_warm.live.session import LiveFrame
-    from musetalk_warm.live.transports.mse import LiveFmp4
-
-    encoder = LiveFmp4(96, 64, 25, 48000, threads=1)
-    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    frame = LiveFrame(0, image, np.zeros(48000 // 25, np.int16), True)
-    outcome: list[str] = []
-    pieces: list[bytes] = []
-
-    def feed() -> None:
-        try:
-            while True:
-                pieces.extend(encoder.add(frame))
-        except MediaError as exc:
-            outcome.append(str(exc))
-
-    worker = threading.Thread(target=feed)
-    worker.start()
-    time.sleep(0.3)
-    encoder.close()
-    worker.join(5)
-    assert not worker.is_alive()
-    assert outcome == ["the live stream's encoder is closed"]
-    assert pieces and pieces[0][4:8] == b"ftyp"
-    encoder.close()  # twice is harmless

@@ -18,6 +18,7 @@ from .clock import Clock, LoopClock
 from .recorder import Recorder
 from .scheduler import FrameScheduler, MaxBatchPolicy
 from .session import LiveSession
+from .transports.encoders import EncoderPool, Fmp4Stream, open_fmp4
 
 if TYPE_CHECKING:
     from ..render.runtime import Runtime
@@ -58,12 +59,17 @@ class LiveRegistry:
             policy=MaxBatchPolicy(live.max_batch), utilisation=live.utilisation,
             retry_after_s=live.retry_after_s, metrics=metrics,
         )
+        # Viewers' fMP4 encoders run in these processes when configured, else in threads.
+        self.encoders = EncoderPool(live.encoder_processes) if live.encoder_processes else None
         self._sessions: dict[str, LiveSession] = {}
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the scheduler and measure one batch on the default avatar (capacity for admission)."""
+        """Start the scheduler and the encoder processes, and measure one batch on the default avatar
+        (capacity for admission)."""
+        if self.encoders is not None:
+            await anyio.to_thread.run_sync(self.encoders.start)
         self.scheduler.start()
         await self.scheduler.calibrate(self.runtime.avatar(None), self.settings.live.max_batch)
         if self.settings.live.idle_timeout_s > 0:
@@ -74,6 +80,11 @@ class LiveRegistry:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def open_fmp4(self, session: LiveSession) -> Fmp4Stream:
+        """A viewer's fMP4 encoder for ``session``: in the encoder processes when there are any."""
+        return open_fmp4(self.settings.live, session.width, session.height, session.fps, session.audio_rate,
+                         self.encoders)
 
     async def attach(self, session_id: str, avatar_id: str | None = None) -> LiveSession:
         """The session's live stream, started (idling) if it is not running; Overloaded when full."""
@@ -135,13 +146,15 @@ class LiveRegistry:
         return True
 
     async def close(self) -> None:
-        """Stop every session, then the scheduler."""
+        """Stop every session, then the scheduler and the encoder processes."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for session_id in list(self._sessions):
             await self.stop(session_id)
         await self.scheduler.close()
+        if self.encoders is not None:
+            await anyio.to_thread.run_sync(self.encoders.close)
 
     async def _sweep(self) -> None:
         """Stop sessions nobody has watched for ``live.idle_timeout_s`` while idle."""

@@ -62,11 +62,12 @@ def start() -> None:
     decode_audio_isolated(_WARM_UP_WAV, timeout_s=DECODE_TIMEOUT_S)
 
 
-def start_child(target: Callable[..., None], *args: Any) -> tuple[BaseProcess, Connection]:
+def start_child(target: Callable[..., None], *args: Any, duplex: bool = False) -> tuple[BaseProcess, Connection]:
     """Start ``target(send, *args)`` in a child forked from the fork server; the child and
-    the receiving end of its one-way pipe (``send`` is the child's alone)."""
+    the receiving end of its one-way pipe (``send`` is the child's alone; both ends send
+    and receive when ``duplex``)."""
     ctx = fork_context()
-    receive, send = ctx.Pipe(duplex=False)
+    receive, send = ctx.Pipe(duplex=duplex)
     child = ctx.Process(target=target, args=(send, *args), daemon=True)
     try:
         child.start()

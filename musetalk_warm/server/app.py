@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match
 from ..avatars.jobs import CHILD_MODULES, AvatarJobs, clean_staging
 from ..config import Settings
 from ..errors import MuseTalkWarmError
+from ..live.transports.encoders import WORKER_MODULE as ENCODER_MODULE
 from ..media.isolate import preload as preload_in_children
 from ..media.isolate import start as start_audio_decoder
 from ..sessions.housekeeping import prune_archives
@@ -60,7 +61,7 @@ async def _load(warm: Warm, runtime_factory: Callable[[Settings], Any], tts_fact
     try:
         tts = await anyio.to_thread.run_sync(tts_factory, warm.settings)
         runtime = await anyio.to_thread.run_sync(runtime_factory, warm.settings)
-        preload_in_children(*CHILD_MODULES)
+        preload_in_children(*CHILD_MODULES, ENCODER_MODULE)
         await anyio.to_thread.run_sync(start_audio_decoder)  # the first upload pays no start-up
         live = await _start_live(warm, runtime, tts)
         warm.avatar_jobs = _avatar_jobs(warm, runtime)

@@ -11,6 +11,9 @@ would stall MSE playback.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,13 @@ def avc_codec_string(init: bytes) -> str:
         raise MediaError("init segment holds no H.264 configuration")
     profile, compat, level = init[at + 5 : at + 8]
     return f"avc1.{profile:02X}{compat:02X}{level:02X}"
+
+
+def fmp4_mime(init: bytes | None) -> str:
+    """The ``MediaSource.isTypeSupported`` type of a stream with this init segment (None: none yet)."""
+    if init is None:
+        raise MediaError("no frame encoded yet")
+    return f'video/mp4; codecs="{avc_codec_string(init)}, mp4a.40.2"'
 
 
 class _Sink:
@@ -60,11 +70,39 @@ class _Sink:
         return len(data)
 
 
-class LiveFmp4:
+class SerialEncoder(ABC):
+    """A viewer's encoder, fed from worker threads while a viewer leaving closes it from another:
+    close waits for a running add (nothing is freed under an encode) and later adds are refused."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def _serially(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed:
+                raise MediaError("the live stream's encoder is closed")
+            yield
+
+    def close(self) -> None:
+        """Release the encoder (what is buffered is dropped: the viewer has gone); waits for a running add."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    @abstractmethod
+    def _release(self) -> None: ...
+
+
+class LiveFmp4(SerialEncoder):
     """Encode one viewer's stream of live frames into fMP4 pieces for a ``SourceBuffer``."""
 
     def __init__(self, width: int, height: int, fps: int, audio_rate: int, fragment_frames: int = 3,
                  threads: int = 1) -> None:
+        super().__init__()
         self.fps = fps
         self.audio_rate = audio_rate
         self._size = (width + width % 2, height + height % 2)
@@ -88,27 +126,22 @@ class LiveFmp4:
         self._frames = 0
         self._samples = 0
         self._init_sent = False
-        # add runs on a worker thread; a viewer leaving closes from another one, and FFmpeg
-        # must never free the muxer under a running encode.
-        self._lock = threading.Lock()
-        self._closed = False
 
     @property
     def mime(self) -> str:
         """The ``MediaSource.isTypeSupported`` type, once the first frame was added."""
-        if self._sink.init is None:
-            raise MediaError("no frame encoded yet")
-        return f'video/mp4; codecs="{avc_codec_string(self._sink.init)}, mp4a.40.2"'
+        return fmp4_mime(self._sink.init)
 
     def add(self, frame: LiveFrame) -> list[bytes]:
         """Encode one tick; returns what is complete: the init segment first, then fragments."""
-        with self._lock:
-            if self._closed:
-                raise MediaError("the live stream's encoder is closed")
-            return self._add(frame)
+        return self.encode(frame.image, frame.audio)
 
-    def _add(self, frame: LiveFrame) -> list[bytes]:
-        image = frame.image
+    def encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
+        """:meth:`add` of a tick's BGR image and int16 samples."""
+        with self._serially():
+            return self._encode(image, audio)
+
+    def _encode(self, image: np.ndarray, audio: np.ndarray) -> list[bytes]:
         pad = ((0, self._size[1] - image.shape[0]), (0, self._size[0] - image.shape[1]), (0, 0))
         if any(p[1] for p in pad):
             image = np.pad(image, pad, mode="edge")
@@ -116,10 +149,10 @@ class LiveFmp4:
         video.pts, video.time_base = self._frames, Fraction(1, self.fps)
         self._frames += 1
         packets = list(self._video.encode(video))
-        samples = np.asarray(frame.audio, np.int16).reshape(1, -1).astype(np.float32) / 32768.0
-        audio = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-        audio.sample_rate = self.audio_rate
-        self._fifo.write(audio)
+        samples = np.asarray(audio, np.int16).reshape(1, -1).astype(np.float32) / 32768.0
+        sound = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        sound.sample_rate = self.audio_rate
+        self._fifo.write(sound)
         while self._fifo.samples >= AAC_FRAME:
             chunk = self._fifo.read(AAC_FRAME)
             chunk.pts, chunk.time_base = self._samples, Fraction(1, self.audio_rate)
@@ -142,13 +175,8 @@ class LiveFmp4:
             self._sink.ready = []
         return out
 
-    def close(self) -> None:
-        """Release the encoders (what is buffered is dropped: the viewer has gone); waits for a running add."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._out.close()
-            except av.error.FFmpegError:
-                pass  # closing after a failure; nothing is kept
+    def _release(self) -> None:
+        try:
+            self._out.close()
+        except av.error.FFmpegError:
+            pass  # closing after a failure; nothing is kept

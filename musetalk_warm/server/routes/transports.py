@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request, Response, WebSocket, WebSocketD
 
 from ...errors import BadInput, MuseTalkWarmError, NotReady
 from ...live.session import SessionClosed
-from ...live.transports.mse import LiveFmp4
+from ...live.transports.encoders import Fmp4Stream
 from ...live.transports.webrtc import WebRTCPeers
 from ...sessions.store import check_session_id
 from ..deps import AuthDep, WarmDep
@@ -94,12 +94,11 @@ async def mse(websocket: WebSocket, session_id: str) -> None:
     session = await ws_session(websocket, session_id)
     if session is None:
         return
-    live = websocket.app.state.warm.settings.live
     subscription = session.subscribe()
-    encoder = LiveFmp4(session.width, session.height, session.fps, session.audio_rate, live.mse_fragment_frames,
-                       threads=live.encoder_threads)
+    encoder: Fmp4Stream | None = None
     gone = asyncio.create_task(wait_disconnect(websocket))
     try:
+        encoder = websocket.app.state.warm.live.open_fmp4(session)  # in this process or an encoder worker
         while not gone.done():
             getter = asyncio.ensure_future(subscription.get())
             await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -121,4 +120,7 @@ async def mse(websocket: WebSocket, session_id: str) -> None:
     finally:
         gone.cancel()
         subscription.close()
-        await anyio.to_thread.run_sync(encoder.close)
+        if encoder is not None:
+            # Even when the handler is cancelled: a pooled stream holds a worker's encoder and shared memory.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(encoder.close)
