@@ -243,3 +243,15 @@ def test_batch_cost_is_interpolated_between_measured_sizes() -> None:
     assert cost.batch_s(64) == pytest.approx(0.256)
     cost.observe(32, 0.228)  # slower now: the estimate moves a fifth of the way
     assert cost.batch_s(32) == pytest.approx(0.148)
+
+
+def test_bucket_policy_takes_the_faster_of_the_buckets_around_a_batch() -> None:
+    """With the H200's measured CUDA-graph costs, 10 due frames run as a full 8 (205 frames/s)
+    rather than padded to 16 (142 frames/s); 3 run padded to 4 rather than as 1."""
+    from musetalk_warm.live.scheduler import BucketBatchPolicy
+    from musetalk_warm.render.buckets import BucketPolicy
+
+    costs = BucketPolicy({1: 0.0116, 4: 0.0235, 8: 0.0392, 16: 0.0705, 32: 0.1374})
+    policy = BucketBatchPolicy(32, costs)
+    assert [policy.batch_size(n, 0.004, 1.0) for n in (1, 3, 4, 10, 16, 20, 40)] == [1, 3, 4, 8, 16, 16, 32]
+    assert policy.batch_size(10, 0.004, 0.012) == 3  # the deadline bounds it first (3 frames fit), padded to 4

@@ -9,14 +9,16 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import numpy as np
 
 from ..config import Settings
 from ..errors import BadInput, Overloaded
+from ..media.audio import SAMPLE_RATE
 from ..metrics import Metrics
 from ..sessions.store import SessionStore, check_session_id
 from .clock import Clock, LoopClock
 from .recorder import Recorder
-from .scheduler import FrameScheduler, MaxBatchPolicy
+from .scheduler import BatchPolicy, BucketBatchPolicy, FrameScheduler, MaxBatchPolicy
 from .session import LiveSession
 from .transports.encoders import EncoderPool, Fmp4Stream, open_fmp4
 
@@ -65,13 +67,24 @@ class LiveRegistry:
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
 
+    def _batch_policy(self) -> BatchPolicy:
+        """Bucket-aware batches where the model path runs fixed buckets (their cost measured), else
+        everything due up to ``live.max_batch``."""
+        accelerator = getattr(self.runtime.renderer, "accelerator", None)
+        if accelerator is None or accelerator.buckets is None:
+            return MaxBatchPolicy(self.settings.live.max_batch)
+        return BucketBatchPolicy(self.settings.live.max_batch, accelerator.measure())
+
     async def start(self) -> None:
         """Start the scheduler and the encoder processes, and measure one batch on the default avatar
         (capacity for admission)."""
         if self.encoders is not None:
             await anyio.to_thread.run_sync(self.encoders.start)
         self.scheduler.start()
+        self.scheduler.policy = await asyncio.wrap_future(self.runtime.engine.submit(self._batch_policy))
         await self.scheduler.calibrate(self.runtime.avatar(None), self.settings.live.max_batch)
+        # Load the voice activity model now, not on the first reply.
+        await self.scheduler.pauses(np.zeros(SAMPLE_RATE // 10, np.float32), self.runtime.avatar(None).fps, 1)
         if self.settings.live.idle_timeout_s > 0:
             self._sweeper = asyncio.create_task(self._sweep())
 

@@ -25,6 +25,7 @@ from ..config import RenderSettings
 from ..errors import MuseTalkWarmError, Overloaded
 from ..media.audio import SAMPLE_RATE
 from ..metrics import Metrics
+from ..render.buckets import BucketPolicy, bucket_for
 from ..render.engine import MouthRenderer
 from ..render.blend import composite_face
 from ..render import silence
@@ -72,6 +73,29 @@ class MaxBatchPolicy:
         if per_frame_s:
             size = min(size, int(max(slack_s, 0.0) / per_frame_s))
         return max(1, size)
+
+
+@dataclass(frozen=True)
+class BucketBatchPolicy:
+    """:class:`MaxBatchPolicy`, then as many frames as run fastest on the model path's fixed buckets.
+
+    A batch is padded up to its bucket, so 10 frames cost as much as 16: of the bucket
+    at or below the deadline-bounded size and the one covering it, the batch takes
+    whichever renders more frames per second (the rest join the next batch).
+    """
+
+    limit: int
+    buckets: BucketPolicy
+
+    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int:
+        size = MaxBatchPolicy(self.limit).batch_size(pending, per_frame_s, slack_s)
+        costs = self.buckets.costs_s
+        cover = bucket_for(size, self.buckets.buckets)
+        below = [b for b in costs if b <= size]
+        if not below or cover == size:
+            return size
+        floor = below[-1]
+        return floor if floor / costs[floor] > size / costs[cover] else size
 
 
 class CostModel:
