@@ -433,12 +433,16 @@ class LiveSession:
         utt = self._utterance(text)
         utt.add_audio(speech16k, track, speech.phones)
         utt.end()
-        # The first frames' pauses are read beside the conditioning; the rest while they play.
-        await asyncio.gather(utt.update_conditioning(self.scheduler.condition),
-                             utt.update_pauses(self.scheduler.pauses, self.settings.lead_frames))
-        if len(utt.hold) < (utt.total_frames or 0):
-            self._spawn(utt.update_pauses(self.scheduler.pauses))
+        # Pauses are read while the reply starts (a frame not read yet keeps the rendered mouth):
+        # a reply's first frame waits for its audio features only.
+        self._spawn(self._read_pauses(utt))
+        await utt.update_conditioning(self.scheduler.condition)
         return utt
+
+    async def _read_pauses(self, utt: Utterance) -> None:
+        """The first frames' pauses (a short read, usually back before they are planned), then the rest."""
+        await utt.update_pauses(self.scheduler.pauses, self.settings.lead_frames)
+        await utt.update_pauses(self.scheduler.pauses)
 
     def speak_audio(self, samples: np.ndarray, rate: int, *, text: str | None = None,
                     interrupt: bool = False) -> Reply:
