@@ -261,8 +261,8 @@ class LiveSettings(_Section):
     mic_gap_s: float = Field(0.4, gt=0, le=10)
     # fMP4 over WebSocket (Media Source Extensions): frames per fragment.
     mse_fragment_frames: int = Field(3, ge=1, le=50)
-    # One thread per viewer's encoder: many streams encode in parallel (PyAV releases the GIL
-    # while x264 works), and x264's own threads only oversubscribe the cores.
+    # One x264 thread per viewer's encoder: with many streams at once, x264's own threads
+    # only oversubscribe the cores.
     encoder_threads: int = Field(1, ge=0, le=64)
     # Worker processes encoding every viewer's stream (0: threads of the server process).
     # Threads share the interpreter lock, ~450-480 frames/s of 720p in all; processes scale with cores.
