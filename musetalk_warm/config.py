@@ -87,11 +87,16 @@ class ModelSettings(_Section):
     # Upstream draws latent_dist.sample() from an unseeded RNG; the mean is deterministic.
     latent_sampling: Literal["mode", "sample"] = "mode"
     tiny_seed: int = 0
-    # The UNet + VAE decode path: auto = CUDA graphs per batch bucket on CUDA, eager on CPU;
-    # compile = torch.compile under the graphs (minutes on a first start; cached in compile_cache_dir).
+    # The UNet + VAE decode path: auto = compile on CUDA (graphs if compiling fails), eager on CPU;
+    # graphs = CUDA graphs per batch bucket; compile = torch.compile under the graphs (about
+    # 1.5 minutes on a first start, cached in compile_cache_dir).
     accelerate: Literal["auto", "eager", "graphs", "compile"] = "auto"
     batch_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     compile_cache_dir: Path = Path("models/.compile-cache")
+    # What compile covers: the VAE decoder (most of the time) and optionally the UNet (slow to compile).
+    compile_modules: tuple[Literal["unet", "decoder"], ...] = ("decoder",)
+    # auto = NHWC convolutions when compiling (Inductor fuses GroupNorm in it), the default layout else.
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     @field_validator("batch_buckets")
     @classmethod

@@ -60,6 +60,32 @@ def _held(level: dict[str, Any], settings: Settings) -> bool:
             and level["delivered_fps_min"] >= 0.95 * settings.avatar.fps)
 
 
+def _gpu_peak_gib(reset: bool = False) -> float | None:
+    """Peak GPU memory allocated since the last reset (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def _accelerator(runtime: Runtime) -> dict[str, Any] | None:
+    """The model path's mode, warm-up seconds and measured bucket costs; the avatar's device memory."""
+    renderer = runtime.renderer
+    accel = getattr(renderer, "accelerator", None)
+    if accel is None:
+        return None
+    compositor = getattr(renderer, "compositor", None)
+    avatar = runtime.avatar(None)
+    return {"mode": accel.mode, "warmup_s": round(accel.compile_s, 1),
+            "buckets": accel.measure().as_dict() if accel.buckets else None,
+            "avatar_device_mib": (round(compositor.prepare(avatar).nbytes / 2**20, 1)
+                                  if compositor is not None else None),
+            "avatar_frames": len(avatar.frames)}
+
+
 def _ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
@@ -164,6 +190,7 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
                     clips: list[tuple[np.ndarray, int]], *, encode: bool = False,
                     duty: float | None = None) -> dict[str, Any]:
     """``n`` live sessions, ``speakers`` of them speaking, for ``seconds``."""
+    _gpu_peak_gib(reset=True)
     sessions = [await registry.attach(f"bench{n}-{i}") for i in range(n)]
     for s in sessions:
         s._keep_lateness = True
@@ -215,6 +242,7 @@ async def run_level(registry: LiveRegistry, n: int, speakers: int, seconds: floa
         "utterances": len(first_frame),
         "refused_503": len(refused),
         "mean_batch": round((scheduler.batched_frames - frames0) / batches, 1) if batches else None,
+        "gpu_peak_gib": _gpu_peak_gib(),
         **({"encode_ms_per_frame": round(1000 * sum(w.encode_s - e for w, e in zip(watchers, encode0))
                                          / max(encoded, 1), 2)} if encode else {}),
     }
@@ -396,11 +424,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                  "encoder_processes": args.encoder_processes},
     }
     settings = load_settings(None, apply_assignments(overrides, args.set))
+    t0 = time.perf_counter()
     runtime = await asyncio.to_thread(build_runtime, args, settings)
+    ready_s = time.perf_counter() - t0
     tts = RecordedTTS(Path(args.speech)) if args.speech else load_tts(settings.tts)
     clips = [tts.synthesize(text) for text in SENTENCES]
     registry = LiveRegistry(settings, runtime, tts, SessionStore(settings))
     await registry.start()
+    accel = await asyncio.wrap_future(runtime.engine.submit(_accelerator, runtime))
     levels = []
     try:
         for n in [int(v) for v in args.sessions.split(",")]:
@@ -438,6 +469,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "load_average_1m": round(os.getloadavg()[0], 2),
                     "device": runtime.device, "frame": list(runtime.avatar(None).frames.shape[1:3][::-1])},
         "settings": settings.live.model_dump(),
+        "models": settings.models.model_dump(mode="json", include={"accelerate", "batch_buckets", "compile_modules",
+                                                                   "memory_format"}),
+        "accelerator": accel,
+        "ready_s": round(ready_s, 1),
         "measured_frame_cost_ms": round((registry.scheduler.cost.per_frame_s or 0) * 1000, 3),
         "encoded": args.encode,
         "all_speaking": levels,

@@ -71,6 +71,38 @@ def test_bucketed_model_path_equals_the_plain_steps() -> None:
     assert policy.buckets == (1, 4) and all(c > 0 for c in policy.costs_s.values())
 
 
+def test_auto_mode_and_memory_format() -> None:
+    from musetalk_warm.errors import ConfigError
+    from musetalk_warm.render.accelerator import channels_last, resolve_mode
+
+    assert resolve_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_mode("auto", torch.device("cuda")) == "compile"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_mode("compile", torch.device("cpu"))
+    assert channels_last("auto", "compile") and not channels_last("auto", "graphs")
+    assert channels_last("channels_last", "graphs") and not channels_last("contiguous", "compile")
+    with pytest.raises(ValueError, match="compile_modules"):
+        Accelerator(tiny_models(0), mode="compile", compile_modules=("vae",))  # type: ignore[arg-type]
+
+
+def test_a_failed_compile_falls_back_to_the_plain_modules_in_the_default_layout() -> None:
+    models = tiny_models(0)
+    gen = torch.Generator().manual_seed(1)
+    latents, prompts = torch.randn(3, 8, 32, 32, generator=gen), torch.randn(3, 50, models.audio_dim, generator=gen)
+    reference = decode_latents(models, unet_step(models, latents, prompts))
+    accel = Accelerator(models, mode="compile", buckets=(1, 4), channels_last=True)
+    assert models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    def broken(*_: object) -> torch.Tensor:
+        raise RuntimeError("no compiler")
+
+    accel._fn = broken
+    spent = accel.warmup()
+    assert accel.mode == "eager" and sorted(spent) == [1, 4]
+    assert models.unet.conv_in.weight.is_contiguous()
+    assert np.abs(accel.run(latents, prompts).astype(int) - reference).max() <= 1  # padded to 4
+
+
 @pytest.fixture(scope="module")
 def demo_avatar(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     runtime = Runtime.load(make_settings(tmp_path_factory.mktemp("accel"), render={"batch_size": 4}))
@@ -97,3 +129,21 @@ def test_torch_feather_paste_matches_the_cpu_compositor(demo_avatar, subpixel: b
         diff = np.abs(frame.astype(int) - want)
         assert diff.max() <= 3 and diff.mean() < 0.05, (diff.max(), diff.mean())
         assert (frame != avatar.frames[i]).any()  # the face was pasted
+
+
+def test_device_hold_matches_the_host_blend_towards_the_source_mouth(demo_avatar) -> None:  # type: ignore[no-untyped-def]
+    from musetalk_warm.render import silence
+
+    avatar = demo_avatar
+    src = np.array([1, 4, 6, 2])
+    weights = [0.0, 0.25, 1.0, 0.5]
+    faces = np.random.default_rng(2).integers(0, 256, (len(src), 256, 256, 3), dtype=np.uint8)
+    compositor = GpuCompositor("cpu")
+    state = compositor.prepare(avatar)
+    held = compositor.hold(state, torch.from_numpy(faces), torch.from_numpy(src), weights).numpy()
+    want = silence.hold_source(faces, avatar.crops[src], np.array(weights, np.float32))
+    assert np.abs(held.astype(int) - want).max() <= 1
+    np.testing.assert_array_equal(held[0], faces[0])  # weight 0: the generated face
+    np.testing.assert_array_equal(held[2], avatar.crops[src[2]])  # weight 1: the source mouth
+    untouched = torch.from_numpy(faces)
+    assert compositor.hold(state, untouched, torch.from_numpy(src), [0.0] * 4) is untouched

@@ -40,12 +40,13 @@ def _inputs(models, n: int):  # type: ignore[no-untyped-def]
     return torch.randn(n, 8, 32, 32, generator=gen), torch.randn(n, 50, models.audio_dim, generator=gen)
 
 
-@pytest.mark.parametrize("mode", ["graphs", "compile"])
-def test_graphed_and_compiled_buckets_match_eager_fp16(mode: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("mode", "channels_last"), [("graphs", False), ("compile", False), ("compile", True)])
+def test_graphed_and_compiled_buckets_match_eager_fp16(mode: str, channels_last: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from musetalk_warm.render.accelerator import Accelerator
 
     models = tiny_models(0, "cuda", dtype=torch.float16)
-    accel = Accelerator(models, mode=mode, buckets=(1, 4, 8), cache_dir=tmp_path)
+    accel = Accelerator(models, mode=mode, buckets=(1, 4, 8), cache_dir=tmp_path,  # type: ignore[arg-type]
+                        compile_modules=("unet", "decoder"), channels_last=channels_last)
     spent = accel.warmup()
     assert sorted(spent) == [1, 4, 8]
     for n in (1, 3, 8, 11):  # exact, padded, and split into 8 + 3(→4)

@@ -150,10 +150,18 @@ def test_admission_books_capacity_per_speaking_session(settings: Settings, avata
 
 
 def test_policy_is_the_one_place_batch_sizes_are_chosen() -> None:
+    from musetalk_warm.live.scheduler import DEADLINE_MARGIN, CostModel
+
     policy = MaxBatchPolicy(8)
-    assert [policy.batch_size(n, None, 1.0) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
-    # A close deadline takes only what can be done by then (at least one frame).
-    assert [policy.batch_size(30, 0.01, slack) for slack in (-1.0, 0.005, 0.035, 1.0)] == [1, 1, 3, 8]
+    unmeasured = CostModel()
+    assert [policy.batch_size(n, unmeasured, 1.0) for n in (0, 1, 5, 8, 30)] == [1, 1, 5, 8, 8]
+    # A close deadline takes only what can be done by then with the margin in hand (at least one
+    # frame), from the measured cost of a batch of that size: 4 ms + 1 ms a frame here.
+    cost = CostModel()
+    cost.observe(1, 0.005)
+    cost.observe(8, 0.012)
+    assert DEADLINE_MARGIN == 1.5
+    assert [policy.batch_size(30, cost, slack) for slack in (-1.0, 0.005, 0.011, 0.015, 1.0)] == [1, 1, 3, 6, 8]
 
 
 def test_musetalk_batch_mixes_avatars_in_one_call(tmp_path: Path, tiny_models) -> None:
@@ -202,7 +210,7 @@ def test_device_composited_batches_match_the_host_path(tmp_path: Path, tiny_mode
     from musetalk_warm.models.musetalk import encode_latents
     from musetalk_warm.render.engine import MuseTalkRenderer
     from musetalk_warm.render.gpu_composite import GpuCompositor
-    from musetalk_warm.render.mixed import DeviceFrames, generate_faces, render_on_device
+    from musetalk_warm.render.mixed import DeviceFrames, generate_faces, hold_silent_faces, render_on_device
 
     settings = live_test_settings(tmp_path)
     a = load_or_prepare(settings, encoder=partial(encode_latents, tiny_models), vae_id=tiny_models.vae_id,
@@ -223,6 +231,12 @@ def test_device_composited_batches_match_the_host_path(tmp_path: Path, tiny_mode
         want = composite_face(job.avatar, face, job.source, render)
         diff = np.abs(frame.astype(int) - want.astype(int))
         assert diff.max() <= 3 and diff.mean() < 0.05, (job.avatar.avatar_id, job.source, diff.max())
+    # Silent frames (holding the source mouth) are finished on the device as well.
+    held = [replace(job, hold=w) for job, w in zip(jobs, (0.0, 0.5, 1.0, 0.0), strict=True)]
+    frames = render_on_device(device, held, render).frames()  # type: ignore[union-attr]
+    for frame, face, job in zip(frames, hold_silent_faces(held, faces), held, strict=True):
+        diff = np.abs(frame.astype(int) - composite_face(job.avatar, face, job.source, render).astype(int))
+        assert diff.max() <= 3 and diff.mean() < 0.05, (job.hold, diff.max())
     faceless = replace(a, manifest={**a.manifest, "faceless_frames": [5]})
     assert render_on_device(device, [FrameJob(faceless, 5, cond[0])], render) is None
     assert render_on_device(device, jobs, render.model_copy(update={"blend_mode": "poisson"})) is None
@@ -251,7 +265,18 @@ def test_bucket_policy_takes_the_faster_of_the_buckets_around_a_batch() -> None:
     from musetalk_warm.live.scheduler import BucketBatchPolicy
     from musetalk_warm.render.buckets import BucketPolicy
 
+    from musetalk_warm.live.scheduler import CostModel
+
     costs = BucketPolicy({1: 0.0116, 4: 0.0235, 8: 0.0392, 16: 0.0705, 32: 0.1374})
     policy = BucketBatchPolicy(32, costs)
-    assert [policy.batch_size(n, 0.004, 1.0) for n in (1, 3, 4, 10, 16, 20, 40)] == [1, 3, 4, 8, 16, 16, 32]
-    assert policy.batch_size(10, 0.004, 0.012) == 3  # the deadline bounds it first (3 frames fit), padded to 4
+    cost = CostModel()
+    cost.observe(32, 0.1374)  # live frames cost what the model path does (no paste overhead)
+    assert [policy.batch_size(n, cost, 1.0) for n in (1, 3, 4, 10, 16, 20, 40)] == [1, 3, 4, 8, 16, 16, 32]
+    # The deadline bounds it (1.5× the cost in hand): only a batch of one is back within 18 ms,
+    # a padded 4 (23.5 ms) within 36 ms, an 8 (39 ms) within 60 ms but not a 16 (70 ms).
+    assert [policy.batch_size(10, cost, slack) for slack in (0.018, 0.036, 0.060)] == [1, 4, 8]
+    assert policy.batch_size(10, cost, 0.0) == 8  # late anyway: the best frames/s up to the covering bucket
+    # Live frames measured twice as dear as the model path alone: the deadline bound tightens.
+    slow = CostModel()
+    slow.observe(32, 2 * 0.1374)
+    assert policy.batch_size(10, slow, 0.075) == 4  # a padded 4 as dear as 47 ms: within 75 ms, not 60

@@ -170,8 +170,13 @@ def test_pauses_within_an_utterance_show_the_source_mouth(settings: Settings, av
         session.speak_audio(clip, 16000)
         await until(lambda: queued(session))
         utt = session._current or session._queue[0]
+        # The first frames' pauses are read at once, the rest once the utterance is on screen.
+        await until(lambda: len(utt.hold) >= settings.live.lead_frames)
+        assert len(utt.hold) < utt.total_frames
+        await rig.tick(5)
+        assert utt.started
         await until(lambda: len(utt.hold) == utt.total_frames)  # voice activity read for every frame
-        await rig.tick(75 + settings.live.blend_frames + 20)
+        await rig.tick(75 + settings.live.blend_frames + 20 - 5)
         await rig.close()
         return drain_frames(sub), list(utt.hold)
 

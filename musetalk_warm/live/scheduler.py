@@ -52,14 +52,19 @@ class FrameRequest:
     started: bool = False
 
 
+# A batch planned close to its deadline keeps this much of the measured cost in hand: batches
+# slow down when the CPU is shared.
+DEADLINE_MARGIN = 1.5
+
+
 class BatchPolicy(Protocol):
     """How many of the pending frames the next batch takes (the one place batch sizes are chosen).
 
-    ``per_frame_s`` is the measured cost of a frame (None before any batch) and
-    ``slack_s`` the time left until the earliest pending deadline.
+    ``cost`` is what batches measured so far and ``slack_s`` the time left until the
+    earliest pending deadline.
     """
 
-    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int: ...
+    def batch_size(self, pending: int, cost: CostModel, slack_s: float) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -68,28 +73,36 @@ class MaxBatchPolicy:
 
     limit: int
 
-    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int:
-        size = min(pending, self.limit)
-        if per_frame_s:
-            size = min(size, int(max(slack_s, 0.0) / per_frame_s))
-        return max(1, size)
+    def batch_size(self, pending: int, cost: CostModel, slack_s: float) -> int:
+        size = max(1, min(pending, self.limit))
+        if cost.per_frame_s:
+            while size > 1 and DEADLINE_MARGIN * cost.batch_s(size) > slack_s:
+                size -= 1
+        return size
 
 
 @dataclass(frozen=True)
 class BucketBatchPolicy:
-    """:class:`MaxBatchPolicy`, then as many frames as run fastest on the model path's fixed buckets.
+    """Up to ``limit`` frames, as many as are back in time and run fastest on the model path's buckets.
 
-    A batch is padded up to its bucket, so 10 frames cost as much as 16: of the bucket
-    at or below the deadline-bounded size and the one covering it, the batch takes
-    whichever renders more frames per second (the rest join the next batch).
+    A batch is padded up to its bucket, so 10 frames cost as much as 16: the batch is
+    no larger than the biggest bucket that is back before the earliest deadline (from
+    the buckets' measured costs, :meth:`BucketPolicy.choose`), and of the bucket at or
+    below that size and the one covering it, it takes whichever renders more frames per
+    second (the rest join the next batch).
     """
 
     limit: int
     buckets: BucketPolicy
 
-    def batch_size(self, pending: int, per_frame_s: float | None, slack_s: float) -> int:
-        size = MaxBatchPolicy(self.limit).batch_size(pending, per_frame_s, slack_s)
+    def batch_size(self, pending: int, cost: CostModel, slack_s: float) -> int:
         costs = self.buckets.costs_s
+        # The buckets' costs are the model path alone; a live frame also costs its paste and copy.
+        best = min(c / b for b, c in costs.items())
+        scale = max(1.0, cost.per_frame_s / best) if cost.per_frame_s else 1.0
+        size = max(1, min(pending, self.limit))
+        # Already late, this is the bucket with the best frames/s: a backlog drains at full speed.
+        size = min(size, self.buckets.choose(size, slack_s / (scale * DEADLINE_MARGIN)))
         cover = bucket_for(size, self.buckets.buckets)
         below = [b for b in costs if b <= size]
         if not below or cover == size:
@@ -276,7 +289,7 @@ class FrameScheduler:
         if not self._heap:
             return []
         slack = self._heap[0][0] - self.clock.now()
-        size = self.policy.batch_size(len(self._heap), self.cost.per_frame_s, slack)
+        size = self.policy.batch_size(len(self._heap), self.cost, slack)
         batch: list[FrameRequest] = []
         while self._heap and len(batch) < size:
             request = heapq.heappop(self._heap)[2]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections import deque
@@ -299,11 +298,16 @@ class LiveSession:
             self._event("utterance", event="ended", utterance_id=utt.id, text=utt.text, interrupted=interrupted)
 
     # -- planning ------------------------------------------------------------
-    def _start_lead(self, frames: int) -> int:
-        """Ticks from now to a new segment's first frame: room for the queue and its first batch."""
-        # Twice the measured cost: batches slow down when the CPU is shared.
-        batch_s = 2.0 * self.scheduler.cost.batch_s(self.scheduler.pending + frames)
-        return max(self.settings.start_lead_frames, math.ceil(batch_s * self.fps) + 1)
+    def _first_tick(self, frames: int) -> int:
+        """A new segment's first tick: the earliest not yet due (``live.start_lead_frames`` on) that
+        leaves room for the queue and its first batch of ``frames``."""
+        # Twice the measured cost, and a frame period at least: batches slow down when the CPU is shared.
+        need = max(2.0 * self.scheduler.cost.batch_s(self.scheduler.pending + frames), 1.0 / self.fps)
+        now = self.clock.now()
+        tick = self._tick + self.settings.start_lead_frames - 1
+        while self._t0 + tick / self.fps - now <= need:
+            tick += 1
+        return tick
 
     def _next_ready(self) -> bool:
         return bool(self._queue) and self._queue[0].ready_frames > 0
@@ -331,8 +335,7 @@ class LiveSession:
             if tick <= self._tick:  # nothing left in flight: a new segment, blending in
                 # Only the first few frames must be back by the first tick: the scheduler's
                 # deadline-bounded batches take the rest after them.
-                tick = self._tick + self._start_lead(min(available, self.settings.start_lead_frames + 1)
-                                                     + len(requests))
+                tick = self._first_tick(min(available, self.settings.start_lead_frames + 1) + len(requests))
                 if not utt.ended:  # streamed audio is conditioned in hops: keep one hop in hand
                     tick += self.settings.pcm_hop_frames
                 limit = tick + lead
@@ -440,8 +443,11 @@ class LiveSession:
         return utt
 
     async def _read_pauses(self, utt: Utterance) -> None:
-        """The first frames' pauses (a short read, usually back before they are planned), then the rest."""
+        """The first frames' pauses (a short read, usually back before they are planned), then, once the
+        utterance is on screen, the rest (so the long read does not slow its first batch)."""
         await utt.update_pauses(self.scheduler.pauses, self.settings.lead_frames)
+        while not (utt.started or utt.finished):
+            await asyncio.sleep(1.0 / self.fps)
         await utt.update_pauses(self.scheduler.pauses)
 
     def speak_audio(self, samples: np.ndarray, rate: int, *, text: str | None = None,

@@ -6,9 +6,13 @@ partial batch is padded to the next bucket, and each bucket runs as
 
 * ``eager``: the plain modules (no padding unless buckets are given);
 * ``graphs``: one CUDA graph per bucket, captured once (no per-kernel launch cost);
-* ``compile``: UNet and VAE decoder through ``torch.compile`` (batch-dynamic, so a
-  few compiles cover every bucket), replayed as CUDA graphs. Inductor's artefacts
-  go to ``cache_dir``, so a restart reuses them instead of compiling again.
+* ``compile``: the UNet and/or the VAE decoder (``compile_modules``) through
+  ``torch.compile`` (batch-dynamic, so a few compiles cover every bucket), replayed
+  as CUDA graphs. Inductor's artefacts go to ``cache_dir``, so a restart reuses them
+  instead of compiling again.
+
+``channels_last`` stores both networks' convolutions in NHWC, the layout tensor-core
+convolutions read directly; eager GroupNorm is slow in it, Inductor's fused one is not.
 
 All methods are called from one thread (the engine's accelerator thread).
 """
@@ -31,18 +35,25 @@ from .buckets import BucketPolicy, bucket_for, check_buckets, split
 log = logging.getLogger(__name__)
 
 AccelMode = Literal["eager", "graphs", "compile"]
+Compiled = Literal["unet", "decoder"]
 FacesFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_mode(name: str, device: torch.device) -> AccelMode:
-    """``auto`` → ``graphs`` on CUDA (ready in seconds), ``eager`` elsewhere; both others need CUDA."""
+    """``auto`` → ``compile`` on CUDA (:meth:`Accelerator.warmup` falls back to ``graphs`` if compiling
+    fails), ``eager`` elsewhere; ``graphs`` and ``compile`` need CUDA."""
     if name == "auto":
-        return "graphs" if device.type == "cuda" else "eager"
+        return "compile" if device.type == "cuda" else "eager"
     if name in ("graphs", "compile") and device.type != "cuda":
         from ..errors import ConfigError
 
         raise ConfigError(f"models.accelerate {name!r} needs a CUDA device, not {device}")
     return name  # type: ignore[return-value]
+
+
+def channels_last(memory_format: str, mode: AccelMode) -> bool:
+    """Whether ``models.memory_format`` means NHWC for ``mode`` (``auto``: when compiling)."""
+    return memory_format == "channels_last" or (memory_format == "auto" and mode == "compile")
 
 
 def use_compile_cache(cache_dir: Path) -> None:
@@ -62,6 +73,8 @@ class Accelerator:
         mode: AccelMode = "eager",
         buckets: Sequence[int] | None = None,
         cache_dir: Path | None = None,
+        compile_modules: Sequence[Compiled] = ("unet", "decoder"),
+        channels_last: bool = False,
     ) -> None:
         self.models = models
         self.mode = mode
@@ -76,12 +89,19 @@ class Accelerator:
         self._pool: tuple[int, int] | None = None
         if mode != "eager" or models.device.type == "cuda":
             use_fast_kernels(models)
+        if channels_last:
+            models.unet.to(memory_format=torch.channels_last)
+            models.vae.to(memory_format=torch.channels_last)
         self._fn: FacesFn = self._eager
         if mode == "compile":
             if cache_dir is not None:
                 use_compile_cache(cache_dir)
-            self._unet = torch.compile(models.unet, dynamic=True)
-            self._decoder = torch.compile(models.vae.decode, dynamic=True)
+            unknown = set(compile_modules) - {"unet", "decoder"}
+            if unknown or not compile_modules:
+                raise ValueError(f"compile_modules must name unet and/or decoder, got {list(compile_modules)}")
+            self._unet = torch.compile(models.unet, dynamic=True) if "unet" in compile_modules else models.unet
+            self._decoder = (torch.compile(models.vae.decode, dynamic=True) if "decoder" in compile_modules
+                             else models.vae.decode)
             self._fn = self._compiled
         self._dim = models.audio_dim
 
@@ -122,7 +142,25 @@ class Accelerator:
         return graph, latents, prompts, out
 
     def warmup(self) -> dict[int, float]:
-        """Prepare every bucket (compile, capture); seconds spent on each."""
+        """Prepare every bucket (compile, capture); seconds spent on each.
+
+        A compile that fails (no working Triton or C compiler, say) is logged and the
+        path falls back to the plain modules in their default layout, CUDA-graphed on CUDA.
+        """
+        try:
+            return self._warm_buckets()
+        except Exception as exc:
+            if self.mode != "compile":
+                raise
+            fallback: AccelMode = "graphs" if self.models.device.type == "cuda" else "eager"
+            log.warning("compiling the model path failed (%s: %s); running %s", type(exc).__name__, exc, fallback)
+            self.mode, self._fn, self._pool = fallback, self._eager, None
+            self._graphs.clear()
+            self.models.unet.to(memory_format=torch.contiguous_format)
+            self.models.vae.to(memory_format=torch.contiguous_format)
+            return self._warm_buckets()
+
+    def _warm_buckets(self) -> dict[int, float]:
         spent: dict[int, float] = {}
         for bucket in self.buckets or (1,):
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ while it lands. Works on CPU torch too (same arithmetic, no copy stream).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ class DeviceAvatar:
     """One avatar resident on the device for one placement rounding (``subpixel``)."""
 
     frames: torch.Tensor  # [N,H,W,3] uint8 BGR
+    crops: torch.Tensor  # [N,256,256,3] uint8 BGR source face crops (the mouth silence shows)
     latents: torch.Tensor | None  # [N,8,32,32] model dtype
     weights: torch.Tensor  # [N,Rh,Rw] float32 feather alpha in [0,1], zero outside the region
     inverse: torch.Tensor  # [N,2,3] float32: region pixel → face-crop pixel
@@ -40,7 +42,7 @@ class DeviceAvatar:
     @property
     def nbytes(self) -> int:
         """Device memory this avatar holds."""
-        tensors = (self.frames, self.latents, self.weights, self.inverse, self.clamp, self.origin, self.size)
+        tensors = (self.frames, self.crops, self.latents, self.weights, self.inverse, self.clamp, self.origin, self.size)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -125,6 +127,7 @@ class GpuCompositor:
         state = DeviceAvatar(
             # A copy: cache frames may be read-only memmaps, which torch must not alias.
             frames=torch.from_numpy(np.array(avatar.frames)).to(dev),
+            crops=torch.from_numpy(np.array(avatar.crops)).to(dev),
             latents=latents,
             weights=torch.from_numpy(weights).to(dev),
             inverse=torch.from_numpy(np.stack([m[2] for m in maps]).astype(np.float32)).to(dev),
@@ -139,6 +142,15 @@ class GpuCompositor:
         """Drop ``avatar``'s device copies."""
         for key in [k for k in self._avatars if k[0] == id(avatar)]:
             del self._avatars[key]
+
+    @staticmethod
+    def hold(state: DeviceAvatar, faces: torch.Tensor, src: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        """``faces`` blended towards their source crops by ``weights`` (as :func:`silence.hold_source`)."""
+        if not any(w > 0 for w in weights):
+            return faces
+        w = torch.tensor(weights, dtype=torch.float32, device=faces.device)[:, None, None, None]
+        mixed = faces.float() * (1.0 - w) + state.crops[src].float() * w
+        return mixed.round().to(torch.uint8)
 
     def paste(self, state: DeviceAvatar, faces: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """``[B,H,W,3]`` uint8 frames ``src`` with ``faces`` (``[B,256,256,3]`` uint8 BGR) feathered in."""

@@ -99,13 +99,13 @@ class DeviceFrames:
 def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings: RenderSettings) -> DeviceFrames | None:
     """Finished frames for ``jobs`` from one UNet + VAE call and a GPU paste per avatar.
 
-    None where the device cannot finish them (no compositor, a blend mode it lacks, a
-    faceless source frame, which is shown untouched, or a silent frame holding the source
-    mouth): the caller pastes on the host.
+    Silent frames are blended towards the source mouth there too. None where the device
+    cannot finish them (no compositor, a blend mode it lacks, or a faceless source frame,
+    which is shown untouched): the caller pastes on the host.
     """
     compositor = getattr(renderer, "compositor", None)
     if (not isinstance(renderer, MuseTalkRenderer) or compositor is None or not settings.gpu_composite
-            or not compositor.supports(settings.blend_mode) or any(job.hold > 0 for job in jobs)):
+            or not compositor.supports(settings.blend_mode)):
         return None
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -132,8 +132,9 @@ def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings
     with torch.inference_mode():
         faces = renderer.accelerator.faces(torch.cat(latents), stack_conditioning([jobs[i].cond for i in order]))
         parts, start = [], 0
-        for state, index in zip(states, indices):
-            frames = compositor.paste(state, faces[start : start + len(index)], index)
+        for state, index, members in zip(states, indices, groups.values()):
+            held = compositor.hold(state, faces[start : start + len(index)], index, [jobs[i].hold for i in members])
+            frames = compositor.paste(state, held, index)
             parts.append(compositor.to_host(frames))
             start += len(index)
     return DeviceFrames(FrameBatch.concat(parts), order)

@@ -65,11 +65,13 @@ def build_renderer(settings: Settings) -> tuple[MouthRenderer, Models | None]:
 
 def accelerated_renderer(models: Models, settings: Settings) -> MuseTalkRenderer:
     """MuseTalk with the configured model path (``models.accelerate``) and, on CUDA, GPU compositing."""
-    from .accelerator import Accelerator, resolve_mode
+    from .accelerator import Accelerator, channels_last, resolve_mode
 
     mode = resolve_mode(settings.models.accelerate, models.device)
     accelerator = Accelerator(models, mode=mode, buckets=settings.models.batch_buckets if mode != "eager" else None,
-                              cache_dir=settings.models.compile_cache_dir)
+                              cache_dir=settings.models.compile_cache_dir,
+                              compile_modules=settings.models.compile_modules,
+                              channels_last=channels_last(settings.models.memory_format, mode))
     compositor = None
     if models.device.type == "cuda" and settings.render.gpu_composite:
         from .gpu_composite import GpuCompositor
