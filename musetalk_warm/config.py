@@ -152,6 +152,8 @@ class RenderSettings(_Section):
     composite_workers: int = Field(2, ge=1, le=64)
     # Feather paste-back on the accelerator (CUDA only; other blend modes composite on the CPU).
     gpu_composite: bool = True
+    # Live sessions: GFPGAN (models.gfpgan_weights) restores every generated face before it is pasted.
+    live_enhance: bool = False
     blend_mode: BlendMode = "feather"
     upper_boundary_ratio: float = Field(0.5, ge=0, le=1)
     expand: float = Field(1.5, ge=1.0, le=3.0)

@@ -237,6 +237,16 @@ def test_device_composited_batches_match_the_host_path(tmp_path: Path, tiny_mode
     for frame, face, job in zip(frames, hold_silent_faces(held, faces), held, strict=True):
         diff = np.abs(frame.astype(int) - composite_face(job.avatar, face, job.source, render).astype(int))
         assert diff.max() <= 3 and diff.mean() < 0.05, (job.hold, diff.max())
+    # A face restorer (live_enhance) runs on the device's faces before the paste.
+    from torch import nn
+
+    from musetalk_warm.render.enhance import FaceEnhancer
+
+    enhancer = FaceEnhancer(nn.Identity(), 512)  # resampling to 512² and back is still a change
+    frames = render_on_device(device, jobs, render, enhancer).frames()  # type: ignore[union-attr]
+    for frame, face, job in zip(frames, enhancer.restore(np.stack(faces)), jobs, strict=True):
+        diff = np.abs(frame.astype(int) - composite_face(job.avatar, face, job.source, render).astype(int))
+        assert diff.max() <= 3 and diff.mean() < 0.05
     faceless = replace(a, manifest={**a.manifest, "faceless_frames": [5]})
     assert render_on_device(device, [FrameJob(faceless, 5, cond[0])], render) is None
     assert render_on_device(device, jobs, render.model_copy(update={"blend_mode": "poisson"})) is None

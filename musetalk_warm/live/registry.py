@@ -23,6 +23,7 @@ from .session import LiveSession
 from .transports.encoders import EncoderPool, Fmp4Stream, open_fmp4
 
 if TYPE_CHECKING:
+    from ..render.enhance import FaceEnhancer
     from ..render.runtime import Runtime
     from ..voice.tts import TTS
 
@@ -32,6 +33,15 @@ _SWEEP_S = 5.0
 
 def _spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     return asyncio.create_task(work)
+
+
+def live_enhancer(settings: Settings) -> FaceEnhancer | None:
+    """GFPGAN for every live face when ``render.live_enhance`` is on (raises WeightsMissing without it)."""
+    if not settings.render.live_enhance:
+        return None
+    from ..render.enhance import FaceEnhancer
+
+    return FaceEnhancer.load(settings)
 
 
 class LiveRegistry:
@@ -59,7 +69,7 @@ class LiveRegistry:
         self.scheduler = FrameScheduler(
             runtime.renderer, runtime.engine.submit, settings.render, self.clock,
             policy=MaxBatchPolicy(live.max_batch), utilisation=live.utilisation,
-            retry_after_s=live.retry_after_s, metrics=metrics,
+            retry_after_s=live.retry_after_s, metrics=metrics, enhancer=live_enhancer(settings),
         )
         # Viewers' fMP4 encoders run in these processes when configured, else in threads.
         self.encoders = EncoderPool(live.encoder_processes) if live.encoder_processes else None

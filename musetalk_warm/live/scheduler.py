@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from ..render import silence
 from ..render.mixed import DeviceFrames, FrameJob, generate_faces, hold_silent_faces, render_on_device
 from ..render.visemes import Timed
 from .clock import Clock
+
+if TYPE_CHECKING:
+    from ..render.enhance import FaceEnhancer
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +163,10 @@ class FrameScheduler:
         utilisation: float = 0.85,
         retry_after_s: int = 2,
         metrics: Metrics | None = None,
+        enhancer: FaceEnhancer | None = None,
     ) -> None:
         self.renderer = renderer
+        self.enhancer = enhancer
         self.render = render
         self.clock = clock
         self.policy = policy
@@ -351,10 +356,13 @@ class FrameScheduler:
                 request.future.set_exception(exc)
 
     def _render_batch(self, jobs: Sequence[FrameJob]) -> list[np.ndarray] | DeviceFrames:
-        on_device = render_on_device(self.renderer, jobs, self.render)
+        on_device = render_on_device(self.renderer, jobs, self.render, self.enhancer)
         if on_device is not None:
             return on_device
-        faces = hold_silent_faces(jobs, generate_faces(self.renderer, jobs))
+        faces = generate_faces(self.renderer, jobs)
+        if self.enhancer is not None:
+            faces = list(self.enhancer.restore(np.stack(faces)))
+        faces = hold_silent_faces(jobs, faces)
         return [composite_face(job.avatar, face, job.source, self.render) for job, face in zip(jobs, faces)]
 
     def _gauge(self) -> None:

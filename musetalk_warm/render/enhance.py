@@ -92,27 +92,39 @@ class FaceEnhancer:
     ``net`` maps ``[B,3,S,S]`` RGB in ``[-1, 1]`` to the same (GFPGAN's convention).
     """
 
-    def __init__(self, net: nn.Module, size: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, net: nn.Module, size: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
-        self.net = net.to(self.device)
+        self.dtype = dtype
+        self.net = net.to(self.device, dtype)
         self.size = size
 
     @classmethod
     def load(cls, settings: Settings) -> FaceEnhancer:
-        """``models.gfpgan_weights`` under ``models.models_dir``, on ``models.device``."""
+        """``models.gfpgan_weights`` under ``models.models_dir``, on ``models.device`` in ``models.dtype``."""
         models = settings.models
         net = load_gfpgan(models.path(models.gfpgan_weights))
-        from ..models.musetalk import resolve_device
+        from ..models.musetalk import resolve_device, resolve_dtype
 
-        return cls(net, net.out_size, resolve_device(models.device))
+        device = resolve_device(models.device)
+        return cls(net, net.out_size, device, resolve_dtype(models.dtype, device))
 
-    @torch.inference_mode()
     def restore(self, faces: np.ndarray) -> np.ndarray:
         """``[B,S,S,3]`` uint8 BGR → restored, same shape (GFPGAN's [-1, 1] RGB in and out)."""
-        x = torch.from_numpy(np.ascontiguousarray(faces[..., ::-1])).to(self.device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = self.net(x).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
-        return y.to(torch.uint8).flip(1).permute(0, 2, 3, 1).cpu().numpy()
+        return self.restore_tensor(torch.from_numpy(np.ascontiguousarray(faces))).cpu().numpy()
+
+    @torch.inference_mode()
+    def restore_tensor(self, faces: torch.Tensor) -> torch.Tensor:
+        """``[B,H,W,3]`` uint8 BGR (any device) → restored on this one, same shape; crops of another
+        size are resized to the network's (bicubic) and back (area)."""
+        x = faces.to(self.device).flip(-1).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        size = tuple(faces.shape[1:3])
+        if size != (self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        y = self.net(x.to(self.dtype)).float().clamp_(-1.0, 1.0)
+        if size != (self.size, self.size):
+            y = nn.functional.interpolate(y, size=size, mode="area")
+        return y.add_(1.0).mul_(127.5).round_().to(torch.uint8).flip(1).permute(0, 2, 3, 1)
 
 
 def enhance_region(placement: np.ndarray, size: int, expand: float = REGION_EXPAND) -> np.ndarray:

@@ -21,6 +21,7 @@ from .blend import faceless_frames
 from .engine import MouthRenderer, MuseTalkRenderer
 
 if TYPE_CHECKING:
+    from .enhance import FaceEnhancer
     from .gpu_composite import FrameBatch
 
 
@@ -96,8 +97,10 @@ class DeviceFrames:
         return out
 
 
-def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings: RenderSettings) -> DeviceFrames | None:
-    """Finished frames for ``jobs`` from one UNet + VAE call and a GPU paste per avatar.
+def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings: RenderSettings,
+                     enhancer: FaceEnhancer | None = None) -> DeviceFrames | None:
+    """Finished frames for ``jobs`` from one UNet + VAE call (each face restored by ``enhancer``
+    when given) and a GPU paste per avatar.
 
     Silent frames are blended towards the source mouth there too. None where the device
     cannot finish them (no compositor, a blend mode it lacks, or a faceless source frame,
@@ -131,6 +134,8 @@ def render_on_device(renderer: MouthRenderer, jobs: Sequence[FrameJob], settings
         latents.append(state.latents[index])
     with torch.inference_mode():
         faces = renderer.accelerator.faces(torch.cat(latents), stack_conditioning([jobs[i].cond for i in order]))
+        if enhancer is not None:
+            faces = enhancer.restore_tensor(faces)
         parts, start = [], 0
         for state, index, members in zip(states, indices, groups.values()):
             held = compositor.hold(state, faces[start : start + len(index)], index, [jobs[i].hold for i in members])
