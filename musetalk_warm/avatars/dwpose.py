@@ -166,10 +166,15 @@ def simcc_maximum(simcc_x: np.ndarray, simcc_y: np.ndarray) -> tuple[np.ndarray,
 
 def decode(simcc_x: np.ndarray, simcc_y: np.ndarray, center: np.ndarray,
            scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keypoints ``[K,2]`` in frame pixels (float64) and their scores from SimCC logits."""
+    """Keypoints ``[K,2]`` in frame pixels and their scores from SimCC logits.
+
+    As mmpose: float32 bins / 2, mapped in float64, stored as float32 (upstream then
+    truncates to int32, so the float32 rounding decides points on integer pixels).
+    """
     locs, scores = simcc_maximum(simcc_x, simcc_y)
-    in_input = locs / SPLIT_RATIO
-    return in_input / np.array(INPUT_SIZE) * scale + center - 0.5 * scale, scores
+    in_input = locs / np.float32(SPLIT_RATIO)
+    points = in_input / np.array(INPUT_SIZE) * scale + center - 0.5 * scale
+    return points.astype(np.float32), scores
 
 
 class DWPoseDetector:
@@ -187,7 +192,7 @@ class DWPoseDetector:
 
     def keypoints(self, frame_bgr: np.ndarray,
                   box: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """All 133 keypoints ``[133,2]`` (frame pixels, float64) and scores ``[133]`` in ``box``
+        """All 133 keypoints ``[133,2]`` (frame pixels, float32) and scores ``[133]`` in ``box``
         (default: the whole frame, as upstream)."""
         import torch
 
@@ -213,7 +218,7 @@ class DWPoseDetector:
         points, scores = self.keypoints(frame_bgr)
         if float(np.mean(scores[FACE])) < self.min_face_score:
             return None
-        face = points[FACE].astype(np.float32)
+        face = points[FACE]
         height, width = frame_bgr.shape[:2]
         x1, y1 = np.clip(face.min(axis=0), 0, (width, height))
         x2, y2 = np.clip(face.max(axis=0), 0, (width, height))
