@@ -60,8 +60,9 @@ def check_quantum(fps: int, rate: int, what: str) -> None:
 
 # upstream: the plain PIL alpha paste of upstream MuseTalk (no edge refinement).
 BlendMode = Literal["feather", "poisson", "upstream"]
-# Face detection + 68 landmarks at prep (avatars/landmarks.py); all but mediapipe are extras.
-FaceBackend = Literal["mediapipe", "face_alignment"]
+# Face detection + 68 landmarks at prep (avatars/landmarks.py): face_alignment is an extra,
+# face_alignment and dwpose need their weights.
+FaceBackend = Literal["mediapipe", "face_alignment", "dwpose"]
 
 
 class _Section(BaseModel):
@@ -79,6 +80,8 @@ class ModelSettings(_Section):
     face_parsing_dir: str = "face-parse-bisent"
     # face-alignment's S3FD and 2DFAN4 checkpoints (avatar.face_backend: face_alignment).
     face_alignment_dir: str = "face-alignment"
+    # DWPose's whole-body checkpoint, upstream's landmarks (avatar.face_backend: dwpose).
+    dwpose_weights: str = "dwpose/dw-ll_ucoco_384.pth"
     gfpgan_weights: str = "GFPGANv1.4.pth"
     # auto: MuseTalk when its weights are present, else the weightless lite renderer.
     renderer: Literal["auto", "musetalk", "tiny", "lite"] = "auto"

@@ -5,7 +5,8 @@ wheel, so it works offline); its 478 mesh points are mapped onto the 68 iBUG
 positions by :data:`MEDIAPIPE_TO_IBUG68`. Faces too small for FaceMesh's own
 detector (wide and full-body shots) are found with mediapipe's full-range
 detector and their landmarks taken on an enlarged window. ``face_alignment``
-(S3FD + FAN, :mod:`musetalk_warm.avatars.fan`) is an optional backend.
+(S3FD + FAN, :mod:`musetalk_warm.avatars.fan`) and ``dwpose`` (upstream's DWPose
+whole-body model in plain torch, :mod:`musetalk_warm.avatars.dwpose`) are optional backends.
 Nothing is loaded at import time.
 """
 
@@ -244,6 +245,12 @@ def make_detector(backend: FaceBackend = "mediapipe", *, video: bool = True,
 
         models = models or ModelSettings()
         return FaceAlignmentDetector(models.path(models.face_alignment_dir), str(resolve_device(models.device)))
+    if backend == "dwpose":
+        from ..models.musetalk import resolve_device
+        from .dwpose import DWPoseDetector
+
+        models = models or ModelSettings()
+        return DWPoseDetector(models.path(models.dwpose_weights), str(resolve_device(models.device)))
     raise ValueError(f"unknown face backend {backend!r}")
 
 
