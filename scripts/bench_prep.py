@@ -29,6 +29,35 @@ from scripts.bench_engine import build_models
 from scripts.measure_avatar_cache import scene_frames, write_source
 
 
+def accelerator_stages(args: argparse.Namespace, frames: np.ndarray) -> dict[str, Any]:
+    """The stages that can run on the accelerator, alone: DWPose keypoints per frame (random weights
+    in the official layout) and batched VAE encoding of 256² crops."""
+    import torch
+
+    from musetalk_warm.avatars.dwpose import DWPoseDetector
+    from musetalk_warm.avatars.dwpose_net import DWPoseNet
+
+    device = resolve_device(args.device)
+    weights = Path(tempfile.mkdtemp(prefix="dwpose-")) / "dw-ll_ucoco_384.pth"
+    torch.manual_seed(0)
+    torch.save({"state_dict": DWPoseNet().state_dict()}, weights)
+    out: dict[str, Any] = {"device": str(device)}
+    for flip in (True, False):
+        detector = DWPoseDetector(weights, str(device), flip_test=flip)
+        detector.keypoints(frames[0])
+        t0 = time.perf_counter()
+        for frame in frames:
+            detector.keypoints(frame)
+        out[f"dwpose_{'flip' if flip else 'plain'}_frames_per_s"] = round(len(frames) / (time.perf_counter() - t0), 1)
+    models = build_models(args.preset, device, resolve_dtype("auto", device))
+    crops = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
+    encode_latents(models, crops[: args.batch_size], batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    encode_latents(models, crops, batch_size=args.batch_size)
+    out[f"vae_encode_{args.preset}_frames_per_s"] = round(len(crops) / (time.perf_counter() - t0), 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="1280x720")
@@ -37,13 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["tiny", "official"], default="tiny", help="the VAE encoder's shapes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16, help="crops per VAE encoder call")
+    parser.add_argument("--accelerator-only", action="store_true",
+                        help="only DWPose keypoints and VAE encoding, each alone (no mediapipe needed)")
     parser.add_argument("--out", default="results/bench_prep.json")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     fps = 25
+    frames = scene_frames(width, height, args.seconds, fps)
+    if args.accelerator_only:
+        report = accelerator_stages(args, frames)
+        print(json.dumps(report))
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     source = work / "source.mp4"
-    write_source(source, scene_frames(width, height, args.seconds, fps), fps)
+    write_source(source, frames, fps)
     device = resolve_device(args.device)
     models = build_models(args.preset, device, resolve_dtype("auto", device))
     settings = load_settings(None, {
