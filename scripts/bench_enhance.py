@@ -22,6 +22,7 @@ import torch
 from musetalk_warm.models.musetalk import resolve_device
 from musetalk_warm.render.enhance import FaceEnhancer
 from musetalk_warm.render.gfpgan import GFPGANv1Clean
+from scripts.report import write_report
 
 
 def _ms_per_frame(enhancer: FaceEnhancer, faces: torch.Tensor, repeats: int) -> float:
@@ -57,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "network": "GFPGANv1Clean 512², multiplier 2 (random weights)",
               "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

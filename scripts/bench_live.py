@@ -43,6 +43,7 @@ from musetalk_warm.live.transports.mse import LiveFmp4
 from musetalk_warm.render.runtime import Runtime
 from musetalk_warm.sessions.store import SessionStore
 from musetalk_warm.voice.tts import Speech, load_tts
+from scripts.report import write_report
 
 SENTENCES = [
     "Hello, and welcome back.",
@@ -512,10 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         write_speech(Path(args.write_speech))
         return 0
     result = asyncio.run(bench(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, result)
     return 0
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from musetalk_warm.avatars.prep import prepare_avatar
 from musetalk_warm.config import load_settings
 from musetalk_warm.models.musetalk import encode_latents, resolve_device, resolve_dtype
+from scripts.report import write_report
 from scripts.bench_engine import build_models
 from scripts.measure_avatar_cache import scene_frames, write_source
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.accelerator_only:
         report = accelerator_stages(args, frames)
         print(json.dumps(report))
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args.out, report)
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     source = work / "source.mp4"
@@ -124,10 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                    for k, v in spans.items()},
     }
     print(json.dumps(report, indent=1))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, report)
     return 0
 
 

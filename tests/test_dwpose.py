@@ -212,21 +212,6 @@ def test_flip_indices_are_coco_wholebody() -> None:
     assert all(FLIP_INDICES[FLIP_INDICES[i]] == i for i in range(133))
 
 
-def test_missing_weights_are_named(tmp_path: Path, face_bgr: np.ndarray) -> None:
-    import cv2
-
-    image = tmp_path / "portrait.png"
-    cv2.imwrite(str(image), face_bgr)
-    settings = Settings(avatar={"cache_dir": tmp_path / "c", "video_path": image, "avatar_id": "p",
-                                "face_backend": "dwpose"},
-                        models={"models_dir": tmp_path / "models", "device": "cpu"})
-    with pytest.raises(WeightsMissing) as err:
-        prepare_avatar(settings, progress=False)
-    message = str(err.value)
-    assert "dwpose/dw-ll_ucoco_384.pth" in message and "scripts/download_weights.py" in message
-    assert str(tmp_path) not in message and err.value.status_code == 503
-
-
 def test_config_selects_the_backend(tmp_path: Path) -> None:
     settings = Settings(avatar={"face_backend": "dwpose"},
                         models={"models_dir": tmp_path, "dwpose_weights": "pose/other.pth", "device": "cpu"})

@@ -85,17 +85,21 @@ def test_no_face_scores_give_none(tmp_path: Path, face_bgr: np.ndarray) -> None:
     assert detector.detect(cv2.resize(face_bgr, (128, 128))) is None
 
 
-def test_missing_weights_are_named(tmp_path: Path, face_bgr: np.ndarray) -> None:
+@pytest.mark.parametrize(("backend", "named"), [
+    ("face_alignment", [f"face-alignment/{S3FD_WEIGHTS}", f"face-alignment/{FAN_WEIGHTS}"]),
+    ("dwpose", ["dwpose/dw-ll_ucoco_384.pth", "scripts/download_weights.py"]),
+])
+def test_missing_weights_are_named(backend: str, named: list[str], tmp_path: Path, face_bgr: np.ndarray) -> None:
     # Chosen in the config, the backend is what prep runs, and it says what is missing.
     image = tmp_path / "portrait.png"
     cv2.imwrite(str(image), face_bgr)
     settings = Settings(avatar={"cache_dir": tmp_path / "c", "video_path": image, "avatar_id": "p",
-                                "face_backend": "face_alignment"},
+                                "face_backend": backend},
                         models={"models_dir": tmp_path / "models", "device": "cpu"})
     with pytest.raises(WeightsMissing) as err:
         prepare_avatar(settings, progress=False)
     message = str(err.value)
-    assert f"face-alignment/{S3FD_WEIGHTS}" in message and f"face-alignment/{FAN_WEIGHTS}" in message
+    assert all(name in message for name in named), message
     assert str(tmp_path) not in message and err.value.status_code == 503
 
 

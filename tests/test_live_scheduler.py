@@ -108,9 +108,9 @@ def test_late_frames_are_counted_misses_and_replaced_by_idle(settings: Settings,
         rig = Rig(settings, renderer)
         session = rig.session("s", avatar)
         sub = session.subscribe()
+        renderer.gate.clear()  # the accelerator stalls: nothing comes back in time
         await session.say("Hello there, this frame will be late.")
         await until(lambda: queued(session))
-        renderer.gate.clear()  # the accelerator stalls: nothing comes back in time
         await rig.tick(30, drain=False)
         frames = drain_frames(sub)
         misses = session.stats.misses

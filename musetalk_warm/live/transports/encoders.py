@@ -180,7 +180,8 @@ class _Worker:
             except OSError:
                 if waiter is not None:
                     del self._waiting[waiter[0]]
-                raise MediaError("the live stream's encoder process has gone") from None
+                self.process.join(_STOP_S)  # the pipe broke as it died: say how it ended
+                raise MediaError(self.ended()) from None
 
     def _read(self) -> None:
         try:
