@@ -150,6 +150,43 @@ def test_the_flip_test_averages_the_mirror(saved: tuple[Path, dict[str, torch.Te
     assert flipped.shape == plain.shape and not np.array_equal(flipped, plain)
 
 
+def test_frames_in_one_batch_equal_frames_one_by_one(saved: tuple[Path, dict[str, torch.Tensor]],
+                                                     face_bgr: np.ndarray) -> None:
+    """Prep hands DWPose frames in batches (one network call each); every frame keeps its own warp."""
+    import cv2
+
+    root, _ = saved
+    detector = DWPoseDetector(root / ModelSettings().dwpose_weights)
+    wide = np.full((360, 640, 3), 90, np.uint8)
+    wide[40:296, 192:448] = cv2.resize(face_bgr, (256, 256))
+    frames = [face_bgr, wide, np.ascontiguousarray(face_bgr[:, ::-1])]
+    batched = detector.keypoints_many(frames)
+    for frame, (points, scores) in zip(frames, batched, strict=True):
+        alone, alone_scores = detector.keypoints(frame)
+        assert points.shape == (133, 2)
+        np.testing.assert_allclose(points, alone, atol=1e-3)
+        np.testing.assert_allclose(scores, alone_scores, atol=1e-4)
+    assert not np.allclose(batched[0][0], batched[1][0])  # different frames, different points
+    many = detector.detect_many(frames)
+    assert [d is None for d in many] == [detector.detect(f) is None for f in frames]
+    # Prep takes a GPU detector's frames in batches: same detections, progress told per batch.
+    from musetalk_warm.avatars.prep import _detect_all
+
+    assert detector.batch_frames == 1  # CPU: frame by frame (faster there)
+    video = np.stack([cv2.resize(f, (320, 240)) for f in frames * 2])
+    told: list[int] = []
+    one, _ = _detect_all(video, Settings(), None, detector, False, lambda stage, done, total: told.append(done))  # type: ignore[arg-type]
+    detector.batch_frames = 4
+    told_batched: list[int] = []
+    batched_found, _ = _detect_all(video, Settings(), None, detector, False,  # type: ignore[arg-type]
+                                   lambda stage, done, total: told_batched.append(done))
+    assert told == [1, 2, 3, 4, 5, 6] and told_batched == [4, 6]
+    for a, b in zip(one, batched_found, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+
+
 def test_low_face_scores_give_none(saved: tuple[Path, dict[str, torch.Tensor]], face_bgr: np.ndarray) -> None:
     root, _ = saved
     assert DWPoseDetector(root / ModelSettings().dwpose_weights, min_face_score=1e9).detect(face_bgr) is None

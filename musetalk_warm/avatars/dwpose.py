@@ -27,6 +27,7 @@ and the fallback box is the face points' bounding box (see docs/NUMERICS.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import cv2
 import numpy as np
 
 from ..errors import WeightsMissing
-from .dwpose_net import INPUT_SIZE, NUM_KEYPOINTS, SPLIT_RATIO, DWPoseNet
+from .dwpose_net import INPUT_SIZE, SPLIT_RATIO, DWPoseNet
 from .landmarks import Detection
 
 DWPOSE_WEIGHTS = "dwpose/dw-ll_ucoco_384.pth"
@@ -188,34 +189,53 @@ class DWPoseDetector:
         self.device = device
         self.flip_test = flip_test
         self.min_face_score = min_face_score
+        # Prep hands a GPU frames in batches (one network call for 16); on a CPU a batch measured
+        # slower than frame by frame (3 against 5.8 frames/s at 1280x720, 2 cores).
+        self.batch_frames = 16 if str(device).startswith("cuda") else 1
         self._net: DWPoseNet | None = None
 
     def keypoints(self, frame_bgr: np.ndarray,
                   box: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All 133 keypoints ``[133,2]`` (frame pixels, float32) and scores ``[133]`` in ``box``
         (default: the whole frame, as upstream)."""
+        return self.keypoints_many([frame_bgr], [box])[0]
+
+    def keypoints_many(self, frames_bgr: Sequence[np.ndarray],
+                       boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`keypoints` of several frames in one network call (each frame's own warp)."""
         import torch
 
         if self._net is None:
             self._net = load_dwpose(self.weights, self.device)
-        height, width = frame_bgr.shape[:2]
-        center, scale = center_scale(box or (0.0, 0.0, float(width), float(height)))
-        x = torch.from_numpy(network_input(frame_bgr, center, scale))[None].to(self.device)
+        warps = []
+        for frame, box in zip(frames_bgr, boxes or [None] * len(frames_bgr), strict=True):
+            height, width = frame.shape[:2]
+            warps.append(center_scale(box or (0.0, 0.0, float(width), float(height))))
+        x = torch.from_numpy(np.stack([network_input(f, c, s) for f, (c, s) in zip(frames_bgr, warps)]))
+        x = x.to(self.device)
+        n = len(x)
         with torch.inference_mode():
             if self.flip_test:
                 pred_x, pred_y = self._net(torch.cat((x, x.flip(-1))))
                 flip = list(FLIP_INDICES)
-                pred_x = (pred_x[:1] + pred_x[1:, flip].flip(-1)) * 0.5
-                pred_y = (pred_y[:1] + pred_y[1:, flip]) * 0.5
+                pred_x = (pred_x[:n] + pred_x[n:, flip].flip(-1)) * 0.5
+                pred_y = (pred_y[:n] + pred_y[n:, flip]) * 0.5
             else:
                 pred_x, pred_y = self._net(x)
-        points, scores = decode(pred_x[0].float().cpu().numpy(), pred_y[0].float().cpu().numpy(), center, scale)
-        assert points.shape == (NUM_KEYPOINTS, 2)
-        return points, scores
+        xs, ys = pred_x.float().cpu().numpy(), pred_y.float().cpu().numpy()
+        return [decode(xs[i], ys[i], *warps[i]) for i in range(n)]
 
     def detect(self, frame_bgr: np.ndarray) -> Detection | None:
         """The face points of the whole-frame pose, or ``None`` when they score too low."""
-        points, scores = self.keypoints(frame_bgr)
+        return self.detect_many([frame_bgr])[0]
+
+    def detect_many(self, frames_bgr: Sequence[np.ndarray]) -> list[Detection | None]:
+        """:meth:`detect` of several frames in one network call (frames are independent: no tracking)."""
+        return [self._face(frame, points, scores)
+                for frame, (points, scores) in zip(frames_bgr, self.keypoints_many(frames_bgr), strict=True)]
+
+    def _face(self, frame_bgr: np.ndarray, points: np.ndarray, scores: np.ndarray) -> Detection | None:
         if float(np.mean(scores[FACE])) < self.min_face_score:
             return None
         face = points[FACE]

@@ -25,7 +25,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
 from itertools import islice
@@ -232,10 +232,18 @@ def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress:
 def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector: LandmarkDetector | None,
                 progress: bool, on_progress: Progress) -> tuple[list[Detection | None], str]:
     """Detections per frame and the detector's name; a detector made here is closed after."""
-    bar: Iterator[np.ndarray] = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
+    bar = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
 
     def detect_all(found: LandmarkDetector) -> list[Detection | None]:
-        detections = []
+        detections: list[Detection | None] = []
+        batch = getattr(found, "batch_frames", 1)  # detectors without tracking may take frames in batches
+        if batch > 1:
+            for start in range(0, len(frames), batch):
+                detections.extend(found.detect_many(frames[start : start + batch]))  # type: ignore[attr-defined]
+                bar.update(min(batch, len(frames) - start))
+                on_progress("landmarks", len(detections), len(frames))
+            bar.close()
+            return detections
         for frame in bar:
             detections.append(found.detect(frame))
             on_progress("landmarks", len(detections), len(frames))
