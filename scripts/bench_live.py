@@ -37,6 +37,7 @@ import numpy as np
 from musetalk_warm.config import Settings, apply_assignments, load_settings
 from musetalk_warm.errors import Overloaded
 from musetalk_warm.live.registry import LiveRegistry
+from musetalk_warm.live.scheduler import BucketBatchPolicy
 from musetalk_warm.live.session import LiveFrame, LiveSession, SessionClosed
 from musetalk_warm.live.transports.encoders import Fmp4Stream
 from musetalk_warm.live.transports.mse import LiveFmp4
@@ -72,8 +73,9 @@ def _gpu_peak_gib(reset: bool = False) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
 
-def _accelerator(runtime: Runtime) -> dict[str, Any] | None:
-    """The model path's mode, warm-up seconds and measured bucket costs; the avatar's device memory."""
+def _accelerator(runtime: Runtime, policy: Any) -> dict[str, Any] | None:
+    """The model path's mode, warm-up seconds and bucket costs (as the scheduler's ``policy``
+    measured them at start); the avatar's device memory."""
     renderer = runtime.renderer
     accel = getattr(renderer, "accelerator", None)
     if accel is None:
@@ -81,7 +83,7 @@ def _accelerator(runtime: Runtime) -> dict[str, Any] | None:
     compositor = getattr(renderer, "compositor", None)
     avatar = runtime.avatar(None)
     return {"mode": accel.mode, "warmup_s": round(accel.compile_s, 1),
-            "buckets": accel.measure().as_dict() if accel.buckets else None,
+            "buckets": policy.buckets.as_dict() if isinstance(policy, BucketBatchPolicy) else None,
             "avatar_device_mib": (round(compositor.prepare(avatar).nbytes / 2**20, 1)
                                   if compositor is not None else None),
             "avatar_frames": len(avatar.frames)}
@@ -432,7 +434,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     clips = [tts.synthesize(text) for text in SENTENCES]
     registry = LiveRegistry(settings, runtime, tts, SessionStore(settings))
     await registry.start()
-    accel = await asyncio.wrap_future(runtime.engine.submit(_accelerator, runtime))
+    accel = await asyncio.wrap_future(runtime.engine.submit(_accelerator, runtime, registry.scheduler.policy))
     levels = []
     try:
         for n in [int(v) for v in args.sessions.split(",")]:

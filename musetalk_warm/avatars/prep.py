@@ -232,21 +232,19 @@ def encode_crops(encoder: Encoder, crops: np.ndarray, batch_size: int, progress:
 def _detect_all(frames: np.ndarray, settings: Settings, source: Source, detector: LandmarkDetector | None,
                 progress: bool, on_progress: Progress) -> tuple[list[Detection | None], str]:
     """Detections per frame and the detector's name; a detector made here is closed after."""
-    bar = tqdm(frames, desc="landmarks", unit="frame", disable=not progress)
 
     def detect_all(found: LandmarkDetector) -> list[Detection | None]:
+        # Detectors without tracking may take frames in batches (one network call each).
+        batch = getattr(found, "batch_frames", 1)
+        detect = (found.detect_many if batch > 1  # type: ignore[attr-defined]
+                  else lambda chunk: [found.detect(frame) for frame in chunk])
         detections: list[Detection | None] = []
-        batch = getattr(found, "batch_frames", 1)  # detectors without tracking may take frames in batches
-        if batch > 1:
+        with tqdm(total=len(frames), desc="landmarks", unit="frame", disable=not progress) as bar:
             for start in range(0, len(frames), batch):
-                detections.extend(found.detect_many(frames[start : start + batch]))  # type: ignore[attr-defined]
-                bar.update(min(batch, len(frames) - start))
+                chunk = frames[start : start + batch]
+                detections.extend(detect(chunk))
+                bar.update(len(chunk))
                 on_progress("landmarks", len(detections), len(frames))
-            bar.close()
-            return detections
-        for frame in bar:
-            detections.append(found.detect(frame))
-            on_progress("landmarks", len(detections), len(frames))
         return detections
 
     if detector is not None:
