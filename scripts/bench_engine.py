@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -59,6 +58,7 @@ from musetalk_warm.models.musetalk import (
     unet_step,
 )
 from musetalk_warm.avatars.stabilise import box_transform, boxes_center_size
+from scripts.report import device_name
 
 SHAPES = Path(__file__).resolve().parent.parent / "configs" / "models" / "musetalkV15_shapes.json"
 
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {}
     report.update({
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from musetalk_warm.models.musetalk import resolve_device
 from musetalk_warm.render.enhance import FaceEnhancer
 from musetalk_warm.render.gfpgan import GFPGANv1Clean
-from scripts.report import write_report
+from scripts.report import device_name, write_report
 
 
 def _ms_per_frame(enhancer: FaceEnhancer, faces: torch.Tensor, repeats: int) -> float:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch,
                          "ms_per_frame": round(_ms_per_frame(enhancer, faces, args.repeats), 3)})
             print(json.dumps(rows[-1]), flush=True)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    report = {"device": device_name(device),
               "torch": torch.__version__, "network": "GFPGANv1Clean 512², multiplier 2 (random weights)",
               "rows": rows}
     write_report(args.out, report)

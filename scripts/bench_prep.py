@@ -25,9 +25,23 @@ import numpy as np
 from musetalk_warm.avatars.prep import prepare_avatar
 from musetalk_warm.config import load_settings
 from musetalk_warm.models.musetalk import encode_latents, resolve_device, resolve_dtype
-from scripts.report import write_report
+from scripts.report import device_name, write_report
 from scripts.bench_engine import build_models
 from scripts.measure_avatar_cache import scene_frames, write_source
+
+
+def random_dwpose(models_dir: Path) -> Path:
+    """A seeded random-init DWPose checkpoint where the dwpose backend looks under ``models_dir``."""
+    import torch
+
+    from musetalk_warm.avatars.dwpose_net import DWPoseNet
+    from musetalk_warm.config import ModelSettings
+
+    path = models_dir / ModelSettings().dwpose_weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save({"state_dict": DWPoseNet().state_dict()}, path)
+    return path
 
 
 def accelerator_stages(args: argparse.Namespace, frames: np.ndarray) -> dict[str, Any]:
@@ -36,20 +50,20 @@ def accelerator_stages(args: argparse.Namespace, frames: np.ndarray) -> dict[str
     import torch
 
     from musetalk_warm.avatars.dwpose import DWPoseDetector
-    from musetalk_warm.avatars.dwpose_net import DWPoseNet
 
     device = resolve_device(args.device)
-    weights = Path(tempfile.mkdtemp(prefix="dwpose-")) / "dw-ll_ucoco_384.pth"
-    torch.manual_seed(0)
-    torch.save({"state_dict": DWPoseNet().state_dict()}, weights)
-    out: dict[str, Any] = {"device": str(device)}
+    weights = random_dwpose(Path(tempfile.mkdtemp(prefix="dwpose-")))
+    out: dict[str, Any] = {"device": device_name(device)}
     for flip in (True, False):
         detector = DWPoseDetector(weights, str(device), flip_test=flip)
-        detector.keypoints(frames[0])
-        t0 = time.perf_counter()
-        for frame in frames:
-            detector.keypoints(frame)
-        out[f"dwpose_{'flip' if flip else 'plain'}_frames_per_s"] = round(len(frames) / (time.perf_counter() - t0), 1)
+        name = f"dwpose_{'flip' if flip else 'plain'}"
+        for batch in sorted({1, detector.batch_frames}):
+            detector.keypoints_many(frames[:batch])
+            t0 = time.perf_counter()
+            for start in range(0, len(frames), batch):
+                detector.keypoints_many(frames[start : start + batch])
+            fps = round(len(frames) / (time.perf_counter() - t0), 1)
+            out[f"{name}_frames_per_s" if batch == 1 else f"{name}_batch{batch}_frames_per_s"] = fps
     models = build_models(args.preset, device, resolve_dtype("auto", device))
     crops = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
     encode_latents(models, crops[: args.batch_size], batch_size=args.batch_size)
@@ -87,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(None, {
         "avatar": {"avatar_id": "bench", "cache_dir": str(work / "caches"), "video_path": str(source),
                    "face_backend": args.face_backend, "mask_source": "landmarks", "fps": fps},
-        "models": {"renderer": "tiny", "device": str(device)},
+        # The dwpose backend runs seeded random weights (the official layout) when none are here.
+        "models": {"renderer": "tiny", "device": str(device), "models_dir": str(work / "models")},
         "render": {"batch_size": args.batch_size},
     })
+    if args.face_backend == "dwpose":
+        random_dwpose(work / "models")
     marks: list[tuple[str, float]] = []
     encode_s = 0.0
 
@@ -117,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     spans["latents"] = encode_s
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_average_1m": round(os.getloadavg()[0], 2), "device": str(device)},
+                    "load_average_1m": round(os.getloadavg()[0], 2), "device": device_name(device)},
         "source": {"size": [width, height], "frames": n, "fps": fps},
         "face_backend": args.face_backend, "vae": f"{args.preset} ({models.dtype})".replace("torch.", ""),
         "total_s": round(total_s, 2), "frames_per_s": round(n / total_s, 1),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def write_report(path: str | Path, report: Any) -> Path:
@@ -14,3 +17,11 @@ def write_report(path: str | Path, report: Any) -> Path:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def device_name(device: torch.device | str) -> str:
+    """The card's name for a CUDA device, else the CPU's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"

@@ -2,7 +2,7 @@
 
 Used when MuseTalk's weights are absent. :meth:`LiteRenderer.condition` turns
 16 kHz audio into a per-frame mouth shape ``(open, round, close)`` (see
-:mod:`.visemes`): the opening follows speech-band energy (normalised per clip,
+:mod:`.visemes`): the opening follows speech-band amplitude (normalised per clip,
 gated, smoothed with a fast attack and slower release and a one-frame
 anticipation); rounding and bilabial closure come from espeak-ng's phoneme
 timings when the audio was synthesised from text; without them rounding comes
@@ -47,7 +47,8 @@ _ENAMEL = np.array([200.0, 210.0, 220.0], dtype=np.float32)
 
 @dataclass(frozen=True)
 class LiteParams:
-    """Tuning of the lite renderer (defaults chosen by eye on real faces).
+    """Tuning of the lite renderer (defaults chosen by eye on real faces; the jaw range,
+    loudness curve and split measured with ``scripts/eval_lipsync.py``).
 
     Attributes:
         window_s: energy window centred on each video frame.
@@ -59,12 +60,25 @@ class LiteParams:
         attack_s, release_s: time constants of the opening / closing smoother.
         anticipation: share of the next frame's target already shown.
         rest: openness below this is treated as closed (exactly the source).
-        jaw_drop: lower-lip drop at openness 1, as a fraction of lip-to-chin distance.
+        jaw_drop: lower-lip drop at openness 1 (the clip's loud vowels), as a fraction
+            of lip-to-chin distance: a wide-open vowel, well above a parted rest mouth.
         chin_follow: share of that drop the chin takes (the blend mask ends at
-            the jaw line, so a large chin move would be cut off there).
+            the jaw line, so a full chin move would be cut off there).
         teeth: strength of the upper-teeth hint in a mouth that was closed.
         split: where an already-parted mouth opens further, from the upper (0)
-            to the lower (1) inner lip; upper teeth sit above it.
+            to the lower (1) inner lip. At 1 the lower lip moves away from what the
+            source shows between the lips (teeth of a smile stay with the upper jaw);
+            lower splits draw a thin dark line across the teeth that landmarks read
+            as a mouth closing below its rest opening.
+        closure_approach: most openness on the frames either side of a bilabial closure.
+        closure_press: pixels (of the 256² crop, at the mouth centre) the lower lip
+            rises past the upper inner lip on a closure: pressed lips, which video
+            coding and landmarks still read as shut where the source's inner-lip
+            points are a pixel or two off (1 px closed 64–91 % of m/b/p through
+            /speak on a one-second avatar, 4 px 91–100 %).
+        amplitude_exponent: openness is the band amplitude, linear between the
+            floor (``range_db`` below the reference) and the reference, raised to this
+            power (0: linear in dB, which opens quiet speech nearly as far as loud).
         round_narrow, spread_widen: lip-width change at full rounding / spreading.
         round_s: time constant of the lip-rounding smoother.
         shape_bands: low, first-formant and second-formant bands (Hz) of the
@@ -81,14 +95,17 @@ class LiteParams:
     release_s: float = 0.05
     anticipation: float = 0.5
     rest: float = 0.03
-    jaw_drop: float = 0.24
-    chin_follow: float = 0.6
+    jaw_drop: float = 0.65
+    chin_follow: float = 0.8
     teeth: float = 0.75
-    split: float = 0.7
+    split: float = 1.0
     round_narrow: float = 0.22
-    spread_widen: float = 0.1
+    spread_widen: float = 0.15
     round_s: float = 0.04
     shape_bands: tuple[tuple[float, float], ...] = ((80.0, 400.0), (400.0, 1200.0), (1500.0, 3500.0))
+    amplitude_exponent: float = 0.7
+    closure_approach: float = 0.5
+    closure_press: float = 4.0
 
 
 def _smoothstep(edge0: np.ndarray | float, edge1: np.ndarray | float, x: np.ndarray) -> np.ndarray:
@@ -135,6 +152,11 @@ class LiteRenderer:
             # decouple the mouth from the sound); the phonemes round, spread and close the lips.
             shape = shapes_from_phones(phones, fps, n)
             rounding, close = shape[:, 1], shape[:, 2]
+            # The jaw rises into a closure and drops out of it: a wide-open frame next to
+            # a closed one is a jump that video coding smears, losing the closure.
+            shut = np.flatnonzero(close == 1.0)
+            near = np.unique(np.clip(np.concatenate([shut - 1, shut + 1]), 0, n - 1)) if shut.size else shut
+            openness[near] = np.minimum(openness[near], p.closure_approach)
         else:
             rounding = np.where(openness > 0, spectral_rounding(levels[:, 1:], voiced), 0.0)
             close = np.zeros(n)
@@ -152,7 +174,13 @@ class LiteRenderer:
         ref = float(np.percentile(voiced, p.ref_percentile))
         low = max(ref - p.range_db, p.gate_dbfs)
         high = max(ref, low + p.min_span_db)
-        return np.clip((level - low) / (high - low), 0.0, 1.0)
+        x = np.clip((level - low) / (high - low), 0.0, 1.0)
+        if p.amplitude_exponent <= 0:
+            return x
+        # Linear in amplitude between the floor and the reference (the dB scale above lifts
+        # quiet frames towards full opening), raised to the exponent.
+        span = 10.0 ** ((high - low) / 20.0)
+        return ((span**x - 1.0) / (span - 1.0)) ** p.amplitude_exponent
 
     @staticmethod
     def _attack_release(target: np.ndarray, fps: int, attack_s: float, release_s: float) -> np.ndarray:
@@ -210,8 +238,9 @@ class LiteRenderer:
         fade = 1.0 - _smoothstep(chin, float(size), ys)
         shift = np.maximum(lip, drop * jaw * below) * follow * fade
         # Closure: rows from the upper inner lip down sample from one lip gap
-        # lower (a pixel more, so the lips meet), easing out towards the chin.
-        gap = np.maximum(geo.lower - geo.upper, 0.0)[:, None, :] + geo.lens[:, None, :]
+        # lower (closure_press pixels more, so the lips press together), easing out
+        # towards the chin.
+        gap = np.maximum(geo.lower - geo.upper, 0.0)[:, None, :] + p.closure_press * geo.lens[:, None, :]
         lifted = _smoothstep(geo.upper[:, None, :] - 1.0, geo.upper[:, None, :] + 0.5, ys)
         lifted = lifted * (1.0 - _smoothstep(geo.lip_bottom[:, None, None], chin, ys))
         shift = (1.0 - close)[:, None, None] * shift - close[:, None, None] * gap * lifted

@@ -61,13 +61,13 @@ def shapes_from_phones(phones: Iterable[Timed], fps: int, count: int, lead_s: fl
         inside = (times >= phone.start) & (times < phone.end)
         shape = phone_shape(phone.symbol)
         # b and p are silent closures, shut throughout; an m hums through closed lips, so
-        # they meet on two frames of it (one is lost to video coding) and the rest stays
-        # half-open, following the sound.
+        # they meet on one frame of it and the rest stays half-open, following the sound
+        # (a second closed frame under the hum costs the mouth its match with the energy).
         nasal = phone.symbol.strip("'\",%=") == "m"
         out[inside] = _NASAL_SPAN if nasal else shape
         if shape[2] == 1.0 and count:
             middle = round((phone.start + phone.end) / 2 * fps - 0.5 - lead_s * fps)
-            closures += [int(np.clip(f, 0, count - 1)) for f in ((middle, middle + 1) if nasal else (middle,))]
+            closures.append(int(np.clip(middle, 0, count - 1)))
     # After every span is painted, so a neighbouring phone cannot take the frame back
     # (a bilabial at the very start leads into frame 0, which the next phone covers).
     out[closures] = (0.0, 0.0, 1.0)
