@@ -71,6 +71,22 @@ def test_bucketed_model_path_equals_the_plain_steps() -> None:
     assert policy.buckets == (1, 4) and all(c > 0 for c in policy.costs_s.values())
 
 
+def test_warmup_runs_the_largest_bucket_first() -> None:
+    """A batch-dynamic compile is tuned for the batch it first sees, so warm-up starts at the top."""
+    models = tiny_models(0)
+    accel = Accelerator(models, buckets=(1, 4, 8))
+    seen: list[int] = []
+    step = accel._fn
+
+    def recorded(latents: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        seen.append(len(latents))
+        return step(latents, prompts)
+
+    accel._fn = recorded
+    assert sorted(accel.warmup()) == [1, 4, 8]
+    assert seen == [8, 4, 1]
+
+
 def test_auto_mode_and_memory_format() -> None:
     from musetalk_warm.errors import ConfigError
     from musetalk_warm.render.accelerator import channels_last, resolve_mode

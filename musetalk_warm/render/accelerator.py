@@ -162,7 +162,10 @@ class Accelerator:
 
     def _warm_buckets(self) -> dict[int, float]:
         spent: dict[int, float] = {}
-        for bucket in self.buckets or (1,):
+        # Largest first: a batch-dynamic compile tunes its kernels for the batch it first sees
+        # (a batch of 1 is compiled on its own). On an H200 the compiled decoder warmed from
+        # the smallest buckets up ran 345 frames/s at batch 32, first compiled at 16: 414.
+        for bucket in sorted(self.buckets or (1,), reverse=True):
             t0 = time.perf_counter()
             self._run_bucket(*self._inputs(bucket), bucket, bucket)
             self._sync()
