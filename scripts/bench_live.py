@@ -300,7 +300,6 @@ def stage_profile(runtime: Runtime, batches: list[int]) -> tuple[list[dict[str, 
     viewer's encode (H.264 + AAC fMP4, one thread)."""
     import torch
 
-    from musetalk_warm.models.features import audio_prompts
     from musetalk_warm.render.blend import composite_face
     from musetalk_warm.render.mixed import FrameJob, generate_faces, stack_conditioning
 

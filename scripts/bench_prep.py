@@ -16,7 +16,6 @@ import os
 import platform
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,6 @@ def random_dwpose(models_dir: Path) -> Path:
 def accelerator_stages(args: argparse.Namespace, frames: np.ndarray) -> dict[str, Any]:
     """The stages that can run on the accelerator, alone: DWPose keypoints per frame (random weights
     in the official layout) and batched VAE encoding of 256² crops."""
-    import torch
-
     from musetalk_warm.avatars.dwpose import DWPoseDetector
 
     device = resolve_device(args.device)

@@ -23,7 +23,6 @@ from musetalk_warm.avatars.dwpose_net import DWPoseNet
 from musetalk_warm.avatars.landmarks import make_detector
 from musetalk_warm.avatars.prep import prepare_avatar
 from musetalk_warm.config import ModelSettings, Settings
-from musetalk_warm.errors import WeightsMissing
 
 # COCO-WholeBody's flip_indices as mmpose derives them from configs/_base_/datasets/coco_wholebody.py
 # (ubody2d.py gives the same list).
