@@ -24,6 +24,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,15 @@ ARTICULATION_TEXT = (
 )
 
 
-def paused_speech(tts: EspeakTTS) -> tuple[np.ndarray, tuple[Phone, ...], np.ndarray]:
+def paused_speech(tts: EspeakTTS, sentences: Sequence[str] = SENTENCES,
+                  ) -> tuple[np.ndarray, tuple[Phone, ...], np.ndarray]:
     """The espeak sentences with pauses between them (16 kHz), their phones, and the pauses'
     inner frames (past the voice-activity hangover and the blend ramp at each end)."""
     parts: list[np.ndarray] = []
     phones: tuple[Phone, ...] = ()
     pauses: list[np.ndarray] = []
     at = 0.0  # where the next sentence starts, in seconds
-    for i, text in enumerate(SENTENCES):
+    for i, text in enumerate(sentences):
         if i:
             parts.append(np.zeros(int(PAUSE_S * SR), np.float32))
             pauses.append(np.arange(int(at * FPS) + 8, int((at + PAUSE_S) * FPS) - 8))

@@ -15,28 +15,12 @@ from musetalk_warm.quality.clip import track_faces
 from musetalk_warm.quality.mouth import frame_rms, mouth_opening, pearson
 from musetalk_warm.render.lite import LiteRenderer
 from musetalk_warm.render.runtime import Runtime
-from musetalk_warm.voice.phonemes import Phone, shifted
+from musetalk_warm.voice.phonemes import Phone
 from musetalk_warm.voice.tts import EspeakTTS
+from scripts.eval_lipsync import paused_speech
 
-FPS, SR = 25, 16000
+FPS = 25
 SENTENCES = ("Good morning, everyone.", "Let us begin the meeting.")
-
-
-def _paused_speech() -> tuple[np.ndarray, tuple[Phone, ...]]:
-    """The two sentences joined by 1.2 s of silence, with their phones where they land."""
-    from musetalk_warm.media.audio import resample
-
-    tts = EspeakTTS()
-    parts, phones, at = [], (), 0.0
-    for i, text in enumerate(SENTENCES):
-        if i:
-            parts.append(np.zeros(int(1.2 * SR), np.float32))
-            at += 1.2
-        speech = tts.synthesize_timed(text)
-        parts.append(resample(speech.samples, speech.rate, SR))
-        phones += shifted(speech.phones or (), at)
-        at += len(speech.samples) / speech.rate
-    return np.concatenate(parts), phones
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +30,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.n
     folder: Path = tmp_path_factory.mktemp("energy")
     settings = load_settings(None, {"avatar": {"cache_dir": str(folder / "avatars")},
                                     "models": {"renderer": "lite", "models_dir": str(folder / "models")}})
-    audio, phones = _paused_speech()
+    audio, phones, _ = paused_speech(EspeakTTS(), SENTENCES)  # two sentences, 1.2 s apart
     runtime = Runtime.load(settings)
     try:
         result = runtime.render_clip(audio, None, 0, phones=phones)
